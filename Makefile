@@ -1,0 +1,62 @@
+# Set-up, run and test. `make run` and `make test` work on a fresh machine with Python 3.11,
+# pip and npm: they create the virtual environment and install everything they need.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# One OpenMP thread: on small shared hosts more threads are slower, not faster.
+export OMP_NUM_THREADS ?= 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: run test lint install install-dev frontend migrate demo check-deploy clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed node_modules/.installed
+install-dev: $(VENV)/.installed-dev node_modules/.installed
+frontend: node_modules/.installed
+
+var/secret_key:
+	mkdir -p var
+	$(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(64))' > $@
+	chmod 600 $@
+
+# The embedded default: SQLite in var/, no other service. Prints the demo users' one-time
+# passwords, then serves on http://127.0.0.1:8000/.
+run: install var/secret_key
+	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/python manage.py migrate --no-input
+	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/python manage.py seed_demo
+	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/gunicorn rlhf_site.wsgi \
+		--bind $(HOST):$(PORT) --workers 2 --access-logfile - --graceful-timeout 5
+
+# The whole suite. CI runs this with DATABASE_URL pointing at PostgreSQL.
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy annotation training rlhf_site
+
+check-deploy: install
+	SECRET_KEY=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(64))') \
+	ALLOWED_HOSTS=rlhf.example.org $(BIN)/python manage.py check --deploy --fail-level WARNING
+
+clean:
+	rm -rf $(VENV) node_modules var

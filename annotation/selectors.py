@@ -1,0 +1,247 @@
+"""Reads: scoped querysets, the rater's card, progress figures and export streams."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Count, Max, Q, QuerySet
+from django.utils import timezone
+
+from annotation.models import (
+    Campaign,
+    CampaignStatus,
+    Comparison,
+    Critique,
+    Judgment,
+    Membership,
+    Role,
+    Slot,
+    SlotStatus,
+)
+
+AnyUser = AbstractBaseUser | AnonymousUser
+
+
+def user_roles(*, user: AnyUser, campaign: Campaign) -> set[str]:
+    """The user's roles in the campaign. Superusers act as admin and ML staff everywhere."""
+    if not user.is_authenticated:
+        return set()
+    roles = set(
+        Membership.objects.filter(campaign=campaign, user=user).values_list("role", flat=True)
+    )
+    if getattr(user, "is_superuser", False):
+        roles |= {Role.ADMIN, Role.ML_STAFF}
+    return roles
+
+
+def campaigns_for_user(*, user: AnyUser) -> QuerySet[Campaign]:
+    """Campaigns the user may see at all (any role); everyone else's are invisible (404)."""
+    if not user.is_authenticated:
+        return Campaign.objects.none()
+    if getattr(user, "is_superuser", False):
+        return Campaign.objects.all()
+    return Campaign.objects.filter(memberships__user=user).distinct()
+
+
+def campaigns_with_roles(*, user: AnyUser) -> list[tuple[Campaign, set[str]]]:
+    """The home page list: each visible campaign with the user's roles in it (two queries)."""
+    campaigns = list(campaigns_for_user(user=user).order_by("name"))
+    roles: dict[int, set[str]] = {c.pk: set() for c in campaigns}
+    if user.is_authenticated:
+        for campaign_id, role in Membership.objects.filter(user=user).values_list(
+            "campaign_id", "role"
+        ):
+            if campaign_id in roles:
+                roles[campaign_id].add(role)
+        if getattr(user, "is_superuser", False):
+            for role_set in roles.values():
+                role_set |= {Role.ADMIN, Role.ML_STAFF}
+    return [(c, roles[c.pk]) for c in campaigns]
+
+
+@dataclass(frozen=True)
+class Side:
+    text: str
+    critiques: list[Critique]
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the rater sees: sides are already in left/right order; no model names."""
+
+    slot: Slot
+    comparison: Comparison
+    messages: list[dict[str, str]]
+    left: Side
+    right: Side
+    lease_expires_at: datetime | None
+
+
+def slot_card(*, slot: Slot) -> Card:
+    """Build the rater's card for a leased slot in two queries (one more with critiques)."""
+    comparison = Comparison.objects.select_related("prompt", "completion_a", "completion_b").get(
+        pk=slot.comparison_id
+    )
+    critiques: dict[int, list[Critique]] = {
+        comparison.completion_a_id: [],
+        comparison.completion_b_id: [],
+    }
+    if slot.critique_shown:
+        for critique in Critique.objects.filter(completion_id__in=list(critiques)).order_by("id"):
+            critiques[critique.completion_id].append(critique)
+    a = Side(text=comparison.completion_a.text, critiques=critiques[comparison.completion_a_id])
+    b = Side(text=comparison.completion_b.text, critiques=critiques[comparison.completion_b_id])
+    left, right = (a, b) if slot.left_is_a else (b, a)
+    return Card(
+        slot=slot,
+        comparison=comparison,
+        messages=list(comparison.prompt.messages),
+        left=left,
+        right=right,
+        lease_expires_at=slot.lease_expires_at,
+    )
+
+
+def slot_for_rater(*, rater: AbstractBaseUser, campaign: Campaign, slot_id: int) -> Slot | None:
+    return Slot.objects.filter(id=slot_id, campaign=campaign, rater=rater).first()
+
+
+@dataclass
+class RaterProgress:
+    rater_id: int
+    username: str
+    judgments: int
+    median_decision_ms: float | None
+    ties: int
+    both_bad: int
+    left_chosen: int
+    last_at: datetime | None
+
+
+@dataclass
+class CampaignProgress:
+    comparisons: int
+    slots: int
+    filled: int
+    leased: int
+    open: int
+    expired_leases: int
+    judgments: int
+    raters: list[RaterProgress] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.filled / self.slots if self.slots else 0.0
+
+
+def campaign_progress(*, campaign: Campaign, with_raters: bool = True) -> CampaignProgress:
+    now = timezone.now()
+    by_status = dict(
+        Slot.objects.filter(campaign=campaign)
+        .values("status")
+        .annotate(n=Count("id"))
+        .values_list("status", "n")
+    )
+    expired = Slot.objects.filter(
+        campaign=campaign, status=SlotStatus.LEASED, lease_expires_at__lt=now
+    ).count()
+    progress = CampaignProgress(
+        comparisons=Comparison.objects.filter(campaign=campaign).count(),
+        slots=sum(by_status.values()),
+        filled=by_status.get(SlotStatus.FILLED, 0),
+        leased=by_status.get(SlotStatus.LEASED, 0),
+        open=by_status.get(SlotStatus.OPEN, 0),
+        expired_leases=expired,
+        judgments=by_status.get(SlotStatus.FILLED, 0),
+    )
+    if with_raters:
+        progress.raters = rater_progress(campaign=campaign)
+    return progress
+
+
+def rater_progress(*, campaign: Campaign) -> list[RaterProgress]:
+    rows = (
+        Judgment.objects.filter(campaign=campaign)
+        .values("rater_id", "rater__username")
+        .annotate(
+            n=Count("id"),
+            ties=Count("id", filter=Q(choice="tie")),
+            both_bad=Count("id", filter=Q(choice="both_bad")),
+            # The left side won: (A won and A was left) or (B won and B was left).
+            left=Count(
+                "id",
+                filter=Q(choice="a", left_was_a=True) | Q(choice="b", left_was_a=False),
+            ),
+        )
+        .order_by("-n")
+    )
+    times: dict[int, list[int]] = {}
+    for rater_id, ms in (
+        Judgment.objects.filter(campaign=campaign, decision_ms__isnull=False)
+        .values_list("rater_id", "decision_ms")
+        .iterator()
+    ):
+        times.setdefault(rater_id, []).append(ms)
+    last = dict(
+        Judgment.objects.filter(campaign=campaign)
+        .values("rater_id")
+        .annotate(last=Max("created_at"))
+        .values_list("rater_id", "last")
+    )
+    return [
+        RaterProgress(
+            rater_id=row["rater_id"],
+            username=row["rater__username"],
+            judgments=row["n"],
+            median_decision_ms=(
+                statistics.median(times[row["rater_id"]]) if times.get(row["rater_id"]) else None
+            ),
+            ties=row["ties"],
+            both_bad=row["both_bad"],
+            left_chosen=row["left"],
+            last_at=last.get(row["rater_id"]),
+        )
+        for row in rows
+    ]
+
+
+def rater_done_count(*, rater: AbstractBaseUser, campaign: Campaign) -> int:
+    return Judgment.objects.filter(campaign=campaign, rater=rater).count()
+
+
+def judgments_for_export(
+    *, campaign: Campaign, split: str | None = None, chunk_size: int = 2000
+) -> Iterator[Judgment]:
+    """Stream a campaign's judgments in id order with everything an export line needs.
+
+    Keyset pagination (id > last) keeps memory flat and works on every database, unlike a
+    server-side cursor, which SQLite and connection poolers do not offer.
+    """
+    base = (
+        Judgment.objects.filter(campaign=campaign)
+        .select_related(
+            "rater", "comparison__prompt", "comparison__completion_a", "comparison__completion_b"
+        )
+        .order_by("id")
+    )
+    if split:
+        base = base.filter(comparison__prompt__split=split)
+    last_id = 0
+    while True:
+        chunk = list(base.filter(id__gt=last_id)[:chunk_size])
+        if not chunk:
+            return
+        yield from chunk
+        last_id = chunk[-1].pk
+
+
+def active_campaigns_for_rater(*, user: AnyUser) -> QuerySet[Campaign]:
+    if not user.is_authenticated:
+        return Campaign.objects.none()
+    return Campaign.objects.filter(
+        status=CampaignStatus.ACTIVE, memberships__user=user, memberships__role=Role.RATER
+    ).distinct()

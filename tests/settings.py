@@ -1,0 +1,17 @@
+"""Test settings: the one real settings module, with the environment a test run needs.
+
+Values already in the environment win (CI sets DATABASE_URL to PostgreSQL).
+"""
+
+import os
+
+os.environ.setdefault("SECRET_KEY", "test-only-" + "k" * 60)
+os.environ.setdefault("DEBUG", "0")
+os.environ.setdefault("SECURE_TRANSPORT", "0")
+os.environ.setdefault("STATIC_MANIFEST", "0")
+os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from rlhf_site.settings import *  # noqa: E402,F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast in tests only

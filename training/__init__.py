@@ -1,0 +1,1 @@
+"""The learning domain. ``training.core`` is plain torch/transformers with no Django."""
