@@ -321,7 +321,8 @@ class Judgment(models.Model):
     critique_shown = models.BooleanField(default=False)
     decision_ms = models.PositiveIntegerField(null=True, blank=True)
     guidelines_version = models.PositiveIntegerField()
-    idempotency_key = models.CharField(max_length=64, null=True, blank=True)
+    # NULL, not "", means "no key": the partial unique index only covers real keys.
+    idempotency_key = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

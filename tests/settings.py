@@ -12,6 +12,6 @@ os.environ.setdefault("STATIC_MANIFEST", "0")
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from rlhf_site.settings import *  # noqa: E402,F403
+from rlhf_site.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast in tests only
