@@ -267,6 +267,13 @@ class Slot(models.Model):
                 condition=Q(rater__isnull=False),
                 name="slot_one_per_rater_per_comparison",
             ),
+            # One live lease per rater per campaign: a second tab or a retrying client gets
+            # the lease it already holds instead of locking away more work.
+            models.UniqueConstraint(
+                fields=["campaign", "rater"],
+                condition=Q(status="leased"),
+                name="slot_one_lease_per_rater_per_campaign",
+            ),
             models.CheckConstraint(
                 condition=(
                     Q(status=SlotStatus.OPEN, rater__isnull=True)

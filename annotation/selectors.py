@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, Max, Q, QuerySet
+from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from annotation.models import (
@@ -121,6 +122,17 @@ class RaterProgress:
     left_chosen: int
     last_at: datetime | None
 
+    @property
+    def tie_or_both_bad_rate(self) -> float | None:
+        return (self.ties + self.both_bad) / self.judgments if self.judgments else None
+
+    @property
+    def left_chosen_rate(self) -> float | None:
+        """Share of decisive (A or B) judgments won by the side shown left: about 0.5 unless
+        the rater has a position bias."""
+        decisive = self.judgments - self.ties - self.both_bad
+        return self.left_chosen / decisive if decisive else None
+
 
 @dataclass
 class CampaignProgress:
@@ -224,12 +236,21 @@ def judgments_for_export(
     base = (
         Judgment.objects.filter(campaign=campaign)
         .select_related(
-            "rater", "comparison__prompt", "comparison__completion_a", "comparison__completion_b"
+            "rater",
+            "comparison__prompt",
+            "comparison__completion_a__source",
+            "comparison__completion_b__source",
         )
         .order_by("id")
     )
     if split:
         base = base.filter(comparison__prompt__split=split)
+    # Judgments are append-only: capping the ids at the start makes a long export a snapshot,
+    # not a file that keeps growing while raters work.
+    cutoff = Judgment.objects.filter(campaign=campaign).aggregate(m=Max("id"))["m"]
+    if cutoff is None:
+        return
+    base = base.filter(id__lte=cutoff)
     last_id = 0
     while True:
         chunk = list(base.filter(id__gt=last_id)[:chunk_size])
@@ -245,3 +266,74 @@ def active_campaigns_for_rater(*, user: AnyUser) -> QuerySet[Campaign]:
     return Campaign.objects.filter(
         status=CampaignStatus.ACTIVE, memberships__user=user, memberships__role=Role.RATER
     ).distinct()
+
+
+def campaign_with_roles(*, user: AnyUser, slug: str) -> tuple[Campaign, set[str]] | None:
+    """The campaign named ``slug`` with the user's roles in it, in one query (the API's hot
+    path checks membership on every request); ``None`` if it does not exist."""
+    if not user.is_authenticated:
+        return None
+    mine = Membership.objects.filter(campaign=OuterRef("pk"), user_id=user.pk)
+    try:
+        found = Campaign.objects.annotate(
+            _rater=Exists(mine.filter(role=Role.RATER)),
+            _admin=Exists(mine.filter(role=Role.ADMIN)),
+            _ml_staff=Exists(mine.filter(role=Role.ML_STAFF)),
+        ).get(slug=slug)
+    except Campaign.DoesNotExist:
+        return None
+    held = (
+        (Role.RATER, found._rater),
+        (Role.ADMIN, found._admin),
+        (Role.ML_STAFF, found._ml_staff),
+    )
+    roles: set[str] = {role for role, yes in held if yes}
+    if getattr(user, "is_superuser", False):
+        roles |= {Role.ADMIN, Role.ML_STAFF}
+    campaign: Campaign = found
+    return campaign, roles
+
+
+def rater_remaining_count(
+    *, rater: AbstractBaseUser, campaign: Campaign, cap: int = 500
+) -> tuple[int, bool]:
+    """How many more comparisons the rater could be given (not counting one they hold now),
+    as ``(count, more)``; ``more`` means the count stopped at the cap and there are more.
+
+    Bounded work: it walks at most ``cap * overlap`` open slots on the open-slot index, so it
+    costs the same on a campaign of a thousand comparisons or a million, early or late in it.
+    (Expired leases of others, which the rater could also take, are left out: few, and they
+    would cost a second scan.)"""
+    limit = cap * max(campaign.overlap, 1)
+    mine = Slot.objects.filter(comparison=OuterRef("comparison_id"), rater=rater)
+    window = (
+        Slot.objects.filter(campaign=campaign, status=SlotStatus.OPEN)
+        .exclude(Exists(mine))
+        .order_by()
+        .values("id")[:limit]
+    )
+    counts = Slot.objects.filter(id__in=Subquery(window)).aggregate(
+        comparisons=Count("comparison_id", distinct=True), rows=Count("id")
+    )
+    return min(counts["comparisons"], cap), counts["rows"] >= limit
+
+
+def campaigns_administered(*, user: AnyUser) -> list[Campaign]:
+    """Campaigns where the user is an admin (every campaign for a superuser), by name."""
+    return [c for c, roles in campaigns_with_roles(user=user) if Role.ADMIN in roles]
+
+
+def campaign_memberships(*, campaign: Campaign) -> QuerySet[Membership]:
+    return (
+        Membership.objects.filter(campaign=campaign)
+        .select_related("user")
+        .order_by("role", "user__username")
+    )
+
+
+def user_by_username(*, username: str) -> AbstractBaseUser | None:
+    return get_user_model().objects.filter(username=username, is_active=True).first()
+
+
+def user_by_id(*, user_id: int) -> AbstractBaseUser | None:
+    return get_user_model().objects.filter(pk=user_id).first()

@@ -77,7 +77,10 @@ if not SECRET_KEY:
         )
     # Only for DEBUG runs on a developer machine; check --deploy flags it.
     SECRET_KEY = "django-insecure-debug-only-key-never-used-in-production-0123456789"
-elif not DEBUG and (len(SECRET_KEY) < 50 or SECRET_KEY.startswith("django-insecure")):
+elif not DEBUG and (
+    # The same bar as check --deploy (security.W009): length, variety, no known default.
+    len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5 or SECRET_KEY.startswith("django-insecure")
+):
     raise ImproperlyConfigured("SECRET_KEY is too short or is a known insecure default.")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] if DEBUG else [])
@@ -94,6 +97,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI assets served from our origin, never a CDN
     "django_htmx",
     "template_partials",
     "axes",
@@ -180,7 +184,7 @@ AUTHENTICATION_BACKENDS = [
     "django.contrib.auth.backends.ModelBackend",
 ]
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "home"
+LOGIN_REDIRECT_URL = "annotation:home"
 LOGOUT_REDIRECT_URL = "login"
 
 SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 12 * 3600)  # absolute timeout
@@ -194,6 +198,8 @@ AXES_COOLOFF_TIME = 0.25  # hours
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_ENABLED = env_bool("AXES_ENABLED", default=True)
+# A readable 429 page instead of axes' bare text response.
+AXES_LOCKOUT_CALLABLE = "annotation.views.auth.lockout"
 
 # Transport security: on by default outside DEBUG; tests and local HTTP runs switch it off.
 SECURE_TRANSPORT = env_bool("SECURE_TRANSPORT", default=not DEBUG)
@@ -232,7 +238,7 @@ CONTENT_SECURITY_POLICY = {
 
 STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_DIRS: list[Path | tuple[str, Path]] = [BASE_DIR / "static"]
 # htmx comes from the npm registry at install time (make install), never from a CDN.
 _HTMX_DIST = BASE_DIR / "node_modules" / "htmx.org" / "dist"
 if _HTMX_DIST.is_dir():
@@ -269,6 +275,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Campaigns, comparisons, judgments, import and export.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 
@@ -296,6 +305,12 @@ IMPORT_MAX_BYTES = env_int("IMPORT_MAX_BYTES", 200 * 1024 * 1024)
 IMPORT_MAX_LINES = env_int("IMPORT_MAX_LINES", 1_000_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# The capped handler goes first: it drops any file past IMPORT_MAX_BYTES before it reaches disk.
+FILE_UPLOAD_HANDLERS = [
+    "annotation.uploads.CappedUploadHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 
 LOGGING = {
     "version": 1,

@@ -15,3 +15,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from rlhf_site.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast in tests only
+
+# whitenoise warns on every request when STATIC_ROOT is missing; tests serve from finders.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,133 @@
+"""Export lines: judgments (with relations loaded) -> JSONL bytes. See the package docstring
+for the formats and the strength -> margin mapping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+EXPORT_FORMATS = ("trl", "text", "full")
+_HH_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def margin_for(strength: int | None) -> float:
+    """``strength - 1``: 0 for the weakest preference, and 0 when no strength was asked."""
+    return float(strength - 1) if strength else 0.0
+
+
+def _winner_loser(judgment: Any) -> tuple[Any, Any] | None:
+    comparison = judgment.comparison
+    if judgment.choice == "a":
+        return comparison.completion_a, comparison.completion_b
+    if judgment.choice == "b":
+        return comparison.completion_b, comparison.completion_a
+    return None
+
+
+def trl_record(judgment: Any) -> dict[str, Any] | None:
+    """TRL's conversational preference row, or ``None`` for a tie or both-bad."""
+    pair = _winner_loser(judgment)
+    if pair is None:
+        return None
+    chosen, rejected = pair
+    return {
+        "prompt": judgment.comparison.prompt.messages,
+        "chosen": [{"role": "assistant", "content": chosen.text}],
+        "rejected": [{"role": "assistant", "content": rejected.text}],
+        "margin": margin_for(judgment.strength),
+    }
+
+
+def hh_prompt(messages: list[dict[str, str]]) -> str:
+    """A conversation in the Anthropic HH format, ending with the assistant's cue."""
+    turns = "".join(f"\n\n{_HH_NAMES[m['role']]}: {m['content']}" for m in messages)
+    return turns + "\n\nAssistant:"
+
+
+def text_record(judgment: Any) -> dict[str, Any] | None:
+    pair = _winner_loser(judgment)
+    if pair is None:
+        return None
+    chosen, rejected = pair
+    return {
+        "prompt": hh_prompt(judgment.comparison.prompt.messages),
+        "chosen": chosen.text,
+        "rejected": rejected.text,
+        "margin": margin_for(judgment.strength),
+    }
+
+
+def _completion_record(completion: Any) -> dict[str, Any]:
+    return {
+        "id": completion.pk,
+        "external_id": completion.external_id,
+        "text": completion.text,
+        "source": completion.source.name,
+    }
+
+
+def full_record(judgment: Any) -> dict[str, Any]:
+    comparison = judgment.comparison
+    prompt = comparison.prompt
+    return {
+        "judgment_id": judgment.pk,
+        "comparison_id": comparison.pk,
+        "prompt_id": prompt.pk,
+        "prompt_external_id": prompt.external_id,
+        "split": prompt.split,
+        "prompt": prompt.messages,
+        "completion_a": _completion_record(comparison.completion_a),
+        "completion_b": _completion_record(comparison.completion_b),
+        "choice": judgment.choice,
+        "strength": judgment.strength,
+        "margin": margin_for(judgment.strength) if judgment.choice in ("a", "b") else None,
+        "aspects": judgment.aspects,
+        "reason_tags": judgment.reason_tags,
+        "rationale": judgment.rationale,
+        "flags": judgment.flags,
+        "rater": judgment.rater.get_username(),
+        "left_was_a": judgment.left_was_a,
+        "critique_shown": judgment.critique_shown,
+        "decision_ms": judgment.decision_ms,
+        "guidelines_version": judgment.guidelines_version,
+        "created_at": judgment.created_at.isoformat(),
+        "gold": comparison.gold_choice or None,
+    }
+
+
+_RECORDS = {"trl": trl_record, "text": text_record, "full": full_record}
+
+
+def export_line(record: dict[str, Any]) -> bytes:
+    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # JSON allows these raw inside strings, but Python's str.splitlines() and some JSONL
+    # readers break lines on them; escaping keeps one record per physical line everywhere.
+    line = line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028")
+    line = line.replace("\u2029", "\\u2029")
+    return line.encode("utf-8") + b"\n"
+
+
+def export_lines(judgments: Iterable[Any], *, fmt: str) -> Iterator[bytes]:
+    build = _RECORDS[fmt]
+    for judgment in judgments:
+        record = build(judgment)
+        if record is not None:
+            yield export_line(record)
+
+
+def export_chunks(
+    judgments: Iterable[Any], *, fmt: str, chunk_bytes: int = 64 * 1024
+) -> Iterator[bytes]:
+    """Export lines grouped into chunks of about ``chunk_bytes``: one write per chunk, not
+    per line, while memory stays bounded by the chunk."""
+    buffer: list[bytes] = []
+    size = 0
+    for line in export_lines(judgments, fmt=fmt):
+        buffer.append(line)
+        size += len(line)
+        if size >= chunk_bytes:
+            yield b"".join(buffer)
+            buffer, size = [], 0
+    if buffer:
+        yield b"".join(buffer)

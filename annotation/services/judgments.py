@@ -1,0 +1,457 @@
+"""Leasing slots and recording judgments: the rater's hot path.
+
+Guarantees (each proven on PostgreSQL with real threads in tests/annotation/test_concurrency.py,
+and by the state machine in tests/annotation/test_state_machine.py):
+
+- never more judgments than the overlap: a judgment fills one of the comparison's slots (one to
+  one), and a comparison has ``overlap`` slots;
+- never two live leases for one rater on one comparison, and never two judgments by one rater on
+  one comparison: unique constraints on (comparison, rater) for slots and for judgments;
+- a rater holds at most one live lease per campaign (partial unique constraint), so a reload or a
+  second tab shows the same comparison;
+- a repeated submit (same idempotency key, or a double click on the same slot) stores one row
+  and returns the same judgment;
+- an expired lease goes back to the pool: the next lease request of another rater may take it,
+  and the late submit of the first rater is then refused with ``LeaseLost``.
+
+Locks: a transaction here locks at most one slot row. It may wait for that row (a submit in
+flight, or the rater's own held lease) or on a unique-index check against a concurrent lease of
+the same rater, but never while holding a second slot, so these paths cannot deadlock with each
+other. Only ``campaigns._shrink_slots`` locks several slots, and nothing here waits on it while
+holding one. The campaign row is never locked here; campaign edits lock it ``FOR NO KEY
+UPDATE``, which does not block the key-share lock a judgment insert takes on it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
+from django.utils import timezone
+
+from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost
+from annotation.models import (
+    Campaign,
+    CampaignStatus,
+    Choice,
+    Comparison,
+    Critique,
+    CritiqueMode,
+    Judgment,
+    Slot,
+    SlotStatus,
+)
+
+MAX_RATIONALE_CHARS = 5000
+MAX_DECISION_MS = 24 * 3600 * 1000
+MAX_IDEMPOTENCY_KEY_CHARS = 64
+ASPECT_ANSWERS = ("a", "b", "tie")
+LEASE_ATTEMPTS = 3
+
+_rng = random.SystemRandom()
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    judgment: Judgment
+    created: bool
+
+
+def _critiques_exist(*, comparison_id: int) -> bool:
+    pair = Comparison.objects.filter(pk=comparison_id)
+    return Critique.objects.filter(
+        Q(completion_id=Subquery(pair.values("completion_a_id")[:1]))
+        | Q(completion_id=Subquery(pair.values("completion_b_id")[:1]))
+    ).exists()
+
+
+def _critique_shown_for(*, campaign: Campaign, slot: Slot, rng: random.Random) -> bool:
+    if campaign.critique_mode == CritiqueMode.OFF:
+        return False
+    if campaign.critique_mode == CritiqueMode.EXPERIMENT and rng.random() >= (
+        campaign.critique_fraction
+    ):
+        return False
+    # Recorded as shown only when there is something to show, so the experiment's arms
+    # compare raters who saw a critique with raters who did not.
+    return _critiques_exist(comparison_id=slot.comparison_id)
+
+
+def _lease(
+    *, slot: Slot, rater: AbstractBaseUser, campaign: Campaign, now: datetime, rng: random.Random
+) -> Slot:
+    slot.status = SlotStatus.LEASED
+    slot.rater = rater  # type: ignore[assignment]
+    slot.leased_at = now
+    slot.lease_expires_at = now + timedelta(seconds=campaign.lease_seconds)
+    # Sides are randomised per lease, so position bias averages out and can be measured.
+    slot.left_is_a = rng.random() < 0.5
+    slot.critique_shown = _critique_shown_for(campaign=campaign, slot=slot, rng=rng)
+    slot.save(
+        update_fields=[
+            "status",
+            "rater",
+            "leased_at",
+            "lease_expires_at",
+            "left_is_a",
+            "critique_shown",
+        ]
+    )
+    return slot
+
+
+def slot_lease_next(
+    *,
+    rater: AbstractBaseUser,
+    campaign: Campaign,
+    now: datetime | None = None,
+    rng: random.Random | None = None,
+    exclude_comparison_ids: Collection[int] = (),
+) -> Slot | None:
+    """Lease the next slot of ``campaign`` for ``rater``; ``None`` when nothing is left for them.
+
+    Raises ``CampaignNotActive`` unless the campaign is active.
+
+    A rater holds at most one lease per campaign: asking again returns (and renews) the lease
+    they already hold, with the same sides and critique setting, so a reload shows the same
+    comparison. Otherwise the best slot is taken with ``SELECT ... FOR UPDATE SKIP LOCKED``:
+    concurrent raters never wait on each other and never get the same row. Expired leases of
+    other raters are reclaimed first (that work is older), then open slots in priority order.
+    Both scans walk partial indexes (``slot_queue_leased``, ``slot_queue_open``) in order, so
+    the cost does not grow with the size of the campaign.
+
+    ``now`` and ``rng`` are for tests: a clock and a seeded source for the left/right and
+    critique draws. ``exclude_comparison_ids`` are passed over for a new lease: the ones the
+    rater skipped, which would otherwise come straight back to them from the pool.
+    """
+    if not campaign.is_active:
+        raise CampaignNotActive(f"Campaign '{campaign.name}' is {campaign.status}.")
+    now = now or timezone.now()
+    rng = rng or _rng
+    for attempt in range(LEASE_ATTEMPTS):
+        try:
+            with transaction.atomic():
+                return _lease_next_once(
+                    rater=rater,
+                    campaign=campaign,
+                    now=now,
+                    rng=rng,
+                    exclude_comparison_ids=exclude_comparison_ids,
+                )
+        except IntegrityError:
+            # Another request of the same rater leased a slot first (one live lease per rater
+            # per campaign; one slot per rater per comparison). The unique index made us wait
+            # for it to commit, so the next attempt finds that lease and returns it.
+            if attempt == LEASE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _lease_next_once(
+    *,
+    rater: AbstractBaseUser,
+    campaign: Campaign,
+    now: datetime,
+    rng: random.Random,
+    exclude_comparison_ids: Collection[int] = (),
+) -> Slot | None:
+    # Wait (no SKIP LOCKED) on the rater's own lease: if a submit of it is in flight we see
+    # it filled afterwards and move on; skipping it would hand the rater a second lease.
+    held = (
+        Slot.objects.select_for_update()
+        .filter(campaign=campaign, rater_id=rater.pk, status=SlotStatus.LEASED)
+        .order_by("lease_expires_at")
+        .first()
+    )
+    if held is not None:
+        held.lease_expires_at = now + timedelta(seconds=campaign.lease_seconds)
+        held.save(update_fields=["lease_expires_at"])
+        return held
+
+    for candidates in lease_candidates(
+        rater=rater, campaign=campaign, now=now, exclude_comparison_ids=exclude_comparison_ids
+    ):
+        slot = candidates.select_for_update(skip_locked=True).first()
+        if slot is not None:
+            return _lease(slot=slot, rater=rater, campaign=campaign, now=now, rng=rng)
+    return None
+
+
+def lease_candidates(
+    *,
+    rater: AbstractBaseUser,
+    campaign: Campaign,
+    now: datetime,
+    exclude_comparison_ids: Collection[int] = (),
+) -> tuple[QuerySet[Slot], QuerySet[Slot]]:
+    """The two queues a new lease is taken from, in order: expired leases of other raters,
+    then open slots; both leave out comparisons the rater already holds or judged. Exposed so
+    tests can EXPLAIN exactly what leasing runs."""
+    already_mine = Slot.objects.filter(comparison=OuterRef("comparison"), rater_id=rater.pk)
+    # Orderings match the partial indexes exactly, so the planner walks an index and stops at
+    # the first row it can lock; no sort over the queue.
+    expired = (
+        Slot.objects.filter(campaign=campaign, status=SlotStatus.LEASED, lease_expires_at__lt=now)
+        .exclude(Exists(already_mine))
+        .order_by("lease_expires_at")
+    )
+    open_slots = (
+        Slot.objects.filter(campaign=campaign, status=SlotStatus.OPEN)
+        .exclude(Exists(already_mine))
+        .order_by("-priority", "id")
+    )
+    if exclude_comparison_ids:
+        skipped = list(exclude_comparison_ids)
+        expired = expired.exclude(comparison_id__in=skipped)
+        open_slots = open_slots.exclude(comparison_id__in=skipped)
+    return expired, open_slots
+
+
+def slots_reclaim_expired(*, campaign: Campaign | None = None, now: datetime | None = None) -> int:
+    """Return expired leases to the pool (a periodic task may call this; leasing also takes
+    expired leases, so correctness never depends on it). Frees at most 10,000 slots per call
+    and returns how many. Skips slots whose lease is being submitted right now."""
+    now = now or timezone.now()
+    qs = Slot.objects.filter(status=SlotStatus.LEASED, lease_expires_at__lt=now)
+    if campaign is not None:
+        qs = qs.filter(campaign=campaign)
+    with transaction.atomic():
+        ids = list(qs.select_for_update(skip_locked=True).values_list("id", flat=True)[:10_000])
+        return Slot.objects.filter(id__in=ids).update(
+            status=SlotStatus.OPEN, rater=None, leased_at=None, lease_expires_at=None
+        )
+
+
+def slot_release(*, rater: AbstractBaseUser, campaign: Campaign, slot_id: int) -> bool:
+    """The rater skips their leased slot: it goes back to the pool at once. Returns whether
+    there was such a lease (False when it expired and was taken, or was already submitted)."""
+    with transaction.atomic():
+        return bool(
+            Slot.objects.filter(
+                id=slot_id, campaign=campaign, rater_id=rater.pk, status=SlotStatus.LEASED
+            ).update(status=SlotStatus.OPEN, rater=None, leased_at=None, lease_expires_at=None)
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _validate(
+    *,
+    campaign: Campaign,
+    choice: str,
+    strength: int | None,
+    aspects: dict[str, str],
+    reason_tags: list[str],
+    rationale: str,
+    flags: list[str],
+    decision_ms: int | None,
+    idempotency_key: str | None,
+) -> None:
+    """Check the answer against the campaign's form. Every error names its field."""
+    allowed = {Choice.A.value, Choice.B.value}
+    if campaign.allow_tie:
+        allowed.add(Choice.TIE.value)
+    if campaign.allow_both_bad:
+        allowed.add(Choice.BOTH_BAD.value)
+    if choice not in allowed:
+        raise InvalidJudgment(
+            f"choice must be one of {', '.join(sorted(allowed))}; got {choice!r}", field="choice"
+        )
+    if strength is not None:
+        if not _is_int(strength):
+            raise InvalidJudgment("strength must be a whole number", field="strength")
+        if campaign.strength_scale == 0:
+            raise InvalidJudgment("this campaign does not ask for strength", field="strength")
+        if not 1 <= strength <= campaign.strength_scale:
+            raise InvalidJudgment(
+                f"strength must be between 1 and {campaign.strength_scale}", field="strength"
+            )
+        if choice not in (Choice.A, Choice.B):
+            raise InvalidJudgment("strength only applies when A or B wins", field="strength")
+    if not isinstance(aspects, dict) or not all(isinstance(k, str) for k in aspects):
+        raise InvalidJudgment("aspects must map aspect names to answers", field="aspects")
+    unknown = set(aspects) - set(campaign.aspects)
+    if unknown:
+        raise InvalidJudgment(f"unknown aspects: {', '.join(sorted(unknown))}", field="aspects")
+    if any(v not in ASPECT_ANSWERS for v in aspects.values()):
+        raise InvalidJudgment("aspect answers must be a, b or tie", field="aspects")
+    if not _is_str_list(reason_tags):
+        raise InvalidJudgment("reason_tags must be a list of strings", field="reason_tags")
+    unknown = set(reason_tags) - set(campaign.reason_tags)
+    if unknown:
+        raise InvalidJudgment(
+            f"unknown reason tags: {', '.join(sorted(unknown))}", field="reason_tags"
+        )
+    if not _is_str_list(flags):
+        raise InvalidJudgment("flags must be a list of strings", field="flags")
+    unknown = set(flags) - set(campaign.flag_options)
+    if unknown:
+        raise InvalidJudgment(f"unknown flags: {', '.join(sorted(unknown))}", field="flags")
+    if not isinstance(rationale, str):
+        raise InvalidJudgment("rationale must be text", field="rationale")
+    if len(rationale) > MAX_RATIONALE_CHARS:
+        raise InvalidJudgment(
+            f"rationale is longer than {MAX_RATIONALE_CHARS} characters", field="rationale"
+        )
+    if "\x00" in rationale:
+        # PostgreSQL text cannot hold NUL; refuse it here rather than fail in the database.
+        raise InvalidJudgment("rationale contains a NUL character", field="rationale")
+    if campaign.require_rationale and not rationale.strip():
+        raise InvalidJudgment("this campaign asks for a rationale", field="rationale")
+    if decision_ms is not None and not (
+        _is_int(decision_ms) and 0 <= decision_ms <= MAX_DECISION_MS
+    ):
+        raise InvalidJudgment(
+            f"decision_ms must be a whole number from 0 to {MAX_DECISION_MS}", field="decision_ms"
+        )
+    if idempotency_key is not None and not (
+        isinstance(idempotency_key, str) and len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
+    ):
+        raise InvalidJudgment(
+            f"idempotency_key must be text of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            field="idempotency_key",
+        )
+
+
+def side_to_canonical(side: str, *, left_is_a: bool) -> str:
+    """A rater's left / right answer in canonical a / b terms, by the slot's layout; tie and
+    both_bad (and anything else, which validation then rejects) pass through unchanged."""
+    if side == "left":
+        return Choice.A.value if left_is_a else Choice.B.value
+    if side == "right":
+        return Choice.B.value if left_is_a else Choice.A.value
+    return side
+
+
+def canonical_to_side(canonical: str, *, left_was_a: bool) -> str:
+    """The inverse of ``side_to_canonical``: a stored answer in the terms the rater saw."""
+    if canonical == Choice.A:
+        return "left" if left_was_a else "right"
+    if canonical == Choice.B:
+        return "right" if left_was_a else "left"
+    return canonical
+
+
+def _replay(*, earlier: Judgment, slot_id: int) -> SubmitResult:
+    if earlier.slot_id != slot_id:
+        # Returning the other judgment would tell the client this answer was stored.
+        raise InvalidJudgment(
+            "this idempotency key was already used for another comparison",
+            field="idempotency_key",
+        )
+    return SubmitResult(judgment=earlier, created=False)
+
+
+def judgment_submit(
+    *,
+    rater: AbstractBaseUser,
+    campaign: Campaign,
+    slot_id: int,
+    choice: str,
+    strength: int | None = None,
+    aspects: dict[str, str] | None = None,
+    reason_tags: list[str] | None = None,
+    rationale: str = "",
+    flags: list[str] | None = None,
+    decision_ms: int | None = None,
+    idempotency_key: str | None = None,
+    expected_left_is_a: bool | None = None,
+    now: datetime | None = None,
+) -> SubmitResult:
+    """Record the rater's judgment on their leased slot and fill the slot, in one transaction
+    of three statements (lock the slot, insert, mark it filled).
+
+    Locks the slot row (``SELECT ... FOR UPDATE``): a second submit of the same slot waits for
+    the first to commit, then finds the slot filled by this rater and returns the stored
+    judgment (``created=False``) instead of writing another. A repeated ``idempotency_key``
+    lands on the same filled slot and gets the same answer; a key this rater already used on
+    another slot is refused (``InvalidJudgment`` on ``idempotency_key``). A submit after the lease
+    expired is still accepted while the slot is untouched; once another rater has taken it, or
+    it went back to the pool, it raises ``LeaseLost``. Paused campaigns still accept submits of
+    leases handed out before the pause; archived campaigns accept none.
+
+    Callers that mapped the rater's left / right answer to a / b pass the layout they mapped
+    with as ``expected_left_is_a``; it is checked under the lock, so an answer given on a card
+    whose slot was since released and leased again with the sides swapped is refused
+    (``LeaseLost``) instead of being stored flipped.
+    """
+    aspects = {} if aspects is None else aspects
+    reason_tags = [] if reason_tags is None else reason_tags
+    flags = [] if flags is None else flags
+    idempotency_key = idempotency_key or None
+    _validate(
+        campaign=campaign,
+        choice=choice,
+        strength=strength,
+        aspects=aspects,
+        reason_tags=reason_tags,
+        rationale=rationale,
+        flags=flags,
+        decision_ms=decision_ms,
+        idempotency_key=idempotency_key,
+    )
+    if campaign.status == CampaignStatus.ARCHIVED:
+        raise CampaignNotActive(f"Campaign '{campaign.name}' is archived.")
+    reason_tags = list(dict.fromkeys(reason_tags))
+    flags = list(dict.fromkeys(flags))
+    now = now or timezone.now()
+    try:
+        with transaction.atomic():
+            slot = (
+                Slot.objects.select_for_update()
+                .filter(id=slot_id, campaign=campaign)
+                .only("id", "comparison_id", "status", "rater_id", "left_is_a", "critique_shown")
+                .first()
+            )
+            if slot is None or slot.rater_id != rater.pk:
+                raise LeaseLost("This comparison is no longer assigned to you. Load the next one.")
+            if slot.status == SlotStatus.FILLED:
+                # Double click, retry after a lost response, or a replayed form: the stored
+                # answer wins, whatever this request carries. A filled slot never changes
+                # hands, so this also covers every replay of an idempotency key.
+                earlier = Judgment.objects.get(slot_id=slot.id)
+                return SubmitResult(judgment=earlier, created=False)
+            if expected_left_is_a is not None and slot.left_is_a != expected_left_is_a:
+                raise LeaseLost(
+                    "This comparison was reloaded with the sides swapped. Answer it again."
+                )
+            judgment = Judgment.objects.create(
+                campaign=campaign,
+                comparison_id=slot.comparison_id,
+                slot_id=slot.id,
+                rater_id=rater.pk,
+                choice=choice,
+                strength=strength,
+                aspects=aspects,
+                reason_tags=reason_tags,
+                rationale=rationale,
+                flags=flags,
+                left_was_a=slot.left_is_a,
+                critique_shown=slot.critique_shown,
+                decision_ms=decision_ms,
+                guidelines_version=campaign.guidelines_version,
+                idempotency_key=idempotency_key,
+            )
+            Slot.objects.filter(id=slot.id).update(status=SlotStatus.FILLED, filled_at=now)
+    except IntegrityError:
+        # We held the slot, and the slot constraints keep this rater off every other slot of
+        # the comparison, so only the idempotency key can clash: this rater already used it
+        # on another slot (perhaps in a concurrent request).
+        if idempotency_key is None:
+            raise
+        used = Judgment.objects.filter(rater_id=rater.pk, idempotency_key=idempotency_key).first()
+        if used is None:
+            raise
+        return _replay(earlier=used, slot_id=slot_id)
+    return SubmitResult(judgment=judgment, created=True)

@@ -1,0 +1,1 @@
+"""HTML views: thin functions that parse input, call one service or selector, and render."""
