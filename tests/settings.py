@@ -13,6 +13,7 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from rlhf_site.settings import *  # noqa: F403
+from rlhf_site.settings import STATIC_ROOT
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast in tests only
 

@@ -410,6 +410,17 @@ class UnpairedBatch:
         return UnpairedBatch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
+def collate_encoded_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
+    """Right-padded batch from already tokenised ``(prompt ids, completion ids)`` rows."""
+    full, completion_rows = [], []
+    for prompt, answer in rows:
+        full.append(prompt + answer)
+        completion_rows.append([0] * len(prompt) + [1] * len(answer))
+    input_ids, attention_mask = pad_rows(full, pad_id)
+    completion_mask, _ = pad_rows(completion_rows, 0)
+    return SequenceBatch(input_ids, attention_mask, completion_mask)
+
+
 def _collate_sequences(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[tuple[Messages, str]],
@@ -417,20 +428,76 @@ def _collate_sequences(
     max_length: int,
     max_prompt_length: int,
 ) -> SequenceBatch:
-    rows, completion_rows = [], []
-    for messages, completion in examples:
-        prompt, answer = encode_example(
+    rows = [
+        encode_example(
             tokenizer,
             messages,
             completion,
             max_length=max_length,
             max_prompt_length=max_prompt_length,
         )
-        rows.append(prompt + answer)
-        completion_rows.append([0] * len(prompt) + [1] * len(answer))
-    input_ids, attention_mask = pad_rows(rows, int(tokenizer.pad_token_id))
-    completion_mask, _ = pad_rows(completion_rows, 0)
-    return SequenceBatch(input_ids, attention_mask, completion_mask)
+        for messages, completion in examples
+    ]
+    return collate_encoded_rows(rows, int(tokenizer.pad_token_id))
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A preference pair tokenised once: the prompt (shared by both answers, so rendered and
+    tokenised once) and each answer's ids with EOS, cut exactly as ``encode_example`` cuts.
+
+    Trainers that visit pairs more than once, or that also run a reference pass over them,
+    encode every pair up front (as TRL tokenises its dataset before training) instead of
+    rendering the chat template and tokenising again in every step.
+    """
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+    weight: float = 1.0
+    label: float = 1.0
+
+    def rows(self) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+        return (self.prompt, self.chosen), (self.prompt, self.rejected)
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+) -> list[EncodedPair]:
+    out = []
+    for p in pairs:
+        prompt = encode_prompt(tokenizer, p.prompt, min(max_prompt_length, max_length - 1))
+        room = max_length - len(prompt)
+        out.append(
+            EncodedPair(
+                prompt,
+                encode_completion(tokenizer, p.chosen, room),
+                encode_completion(tokenizer, p.rejected, room),
+                margin=p.margin,
+                weight=p.weight,
+                label=p.label,
+            )
+        )
+    return out
+
+
+def collate_encoded_pairs(encoded: Sequence[EncodedPair], pad_id: int) -> PairBatch:
+    """``collate_pairs`` for pairs tokenised by ``encode_pairs``: chosen rows, then rejected."""
+    rows = [e.rows()[0] for e in encoded] + [e.rows()[1] for e in encoded]
+    seq = collate_encoded_rows(rows, pad_id)
+    return PairBatch(
+        seq.input_ids,
+        seq.attention_mask,
+        seq.completion_mask,
+        margin=torch.tensor([e.margin for e in encoded], dtype=torch.float32),
+        weight=torch.tensor([e.weight for e in encoded], dtype=torch.float32),
+        label=torch.tensor([e.label for e in encoded], dtype=torch.float32),
+    )
 
 
 def collate_pairs(
@@ -440,18 +507,10 @@ def collate_pairs(
     max_length: int,
     max_prompt_length: int,
 ) -> PairBatch:
-    examples = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    seq = _collate_sequences(
-        tokenizer, examples, max_length=max_length, max_prompt_length=max_prompt_length
+    encoded = encode_pairs(
+        tokenizer, pairs, max_length=max_length, max_prompt_length=max_prompt_length
     )
-    return PairBatch(
-        seq.input_ids,
-        seq.attention_mask,
-        seq.completion_mask,
-        margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32),
-        weight=torch.tensor([p.weight for p in pairs], dtype=torch.float32),
-        label=torch.tensor([p.label for p in pairs], dtype=torch.float32),
-    )
+    return collate_encoded_pairs(encoded, int(tokenizer.pad_token_id))
 
 
 def collate_sft(

@@ -25,11 +25,12 @@ What this file adds around the loss:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,15 @@ from training.core.checkpoint import export_model
 from training.core.config import CommonConfig, opt
 from training.core.data import (
     Demonstration,
+    EncodedPair,
     Messages,
     PairBatch,
     PreferencePair,
+    collate_encoded_pairs,
+    collate_encoded_rows,
     collate_pairs,
     collate_sft,
+    encode_pairs,
     read_preference_jsonl,
 )
 from training.core.generation import TransformersGenerator
@@ -125,21 +130,49 @@ class DPOConfig(CommonConfig):
 # ---- the reference --------------------------------------------------------------------------
 
 
-class Reference:
-    """Where reference log-probs come from: a frozen model, or the LoRA policy's base weights."""
+ReferenceLoader = Callable[[], nn.Module]
 
-    def __init__(self, model: nn.Module | None, policy: nn.Module) -> None:
-        if model is None and not hasattr(policy, "disable_adapter"):
+
+class Reference:
+    """Where reference log-probs come from: a frozen model, or the LoRA policy's base weights.
+
+    ``model`` may also be a loader (a function returning the model): the model is then loaded
+    when first needed and ``release`` drops it, e.g. between the one reference pass and the
+    end-of-run KL estimate, so that it does not sit in memory beside the policy, its gradients
+    and the optimiser state for the whole of training.
+    """
+
+    def __init__(self, model: nn.Module | ReferenceLoader | None, policy: nn.Module) -> None:
+        loader: ReferenceLoader | None = None
+        if model is not None and not isinstance(model, nn.Module):
+            loader, model = model, None
+        if model is None and loader is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("a reference model is needed unless the policy has LoRA adapters")
-        self.model, self.policy = model, policy
+        self.model, self.policy, self._loader = model, policy, loader
         if model is not None:
-            model.eval().requires_grad_(False)
-            disable_dropout(model)
+            self._freeze(model)
+
+    @staticmethod
+    def _freeze(model: nn.Module) -> None:
+        model.eval().requires_grad_(False)
+        disable_dropout(model)
+
+    def _loaded(self) -> nn.Module | None:
+        if self.model is None and self._loader is not None:
+            self.model = self._loader()
+            self._freeze(self.model)
+        return self.model
+
+    def release(self) -> None:
+        """Free a reference that came from a loader; it is loaded again if used again."""
+        if self._loader is not None:
+            self.model = None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
-        if self.model is not None:
-            yield self.model
+        model = self._loaded()
+        if model is not None:
+            yield model
         else:
             with self.policy.disable_adapter():  # type: ignore[operator]
                 yield self.policy
@@ -152,7 +185,8 @@ class Reference:
     def digest(self) -> str:
         """A cheap fingerprint of the reference weights, so a cache written for other weights
         at the same path is not reused (the LoRA adapters, which move, are left out)."""
-        model = self.model if self.model is not None else self.policy
+        loaded = self._loaded()
+        model = loaded if loaded is not None else self.policy
         h = hashlib.sha256()
         for name, p in model.named_parameters():
             if "lora_" not in name:
@@ -190,31 +224,46 @@ def row_logps(
     config: CommonConfig,
     device: torch.device,
     batch_size: int,
+    encoded: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> RowLogps:
-    """Log-probs of ``rows`` under ``model``, no grad, tokenised exactly as training batches."""
+    """Log-probs of ``rows`` under ``model``, no grad, tokenised exactly as training batches.
+
+    ``encoded``: the same rows already tokenised (``EncodedPair.rows``), used instead of
+    tokenising ``rows`` again.
+    """
     summed: list[torch.Tensor] = []
     tokens: list[torch.Tensor] = []
     for start in range(0, len(rows), batch_size):
-        chunk = [Demonstration(m, c) for m, c in rows[start : start + batch_size]]
-        batch = collate_sft(
-            tokenizer,
-            chunk,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-        ).to(device)
+        if encoded is not None:
+            batch = collate_encoded_rows(
+                encoded[start : start + batch_size], int(tokenizer.pad_token_id)
+            ).to(device)
+        else:
+            chunk = [Demonstration(m, c) for m, c in rows[start : start + batch_size]]
+            batch = collate_sft(
+                tokenizer,
+                chunk,
+                max_length=config.max_length,
+                max_prompt_length=config.max_prompt_length,
+            ).to(device)
         with torch.no_grad():
             s, per_token = sequence_logprobs(
                 model, batch.input_ids, batch.attention_mask, batch.completion_mask
             )  # (b,), (b, T-1)
         target = batch.completion_mask[:, 1:].bool()
         summed.append(s.float().cpu())
-        tokens.extend(per_token[i][target[i]].float().cpu() for i in range(len(chunk)))
+        tokens.extend(per_token[i][target[i]].float().cpu() for i in range(len(target)))
     return RowLogps(torch.cat(summed) if summed else torch.zeros(0), tokens)
 
 
 def pair_rows(pairs: Sequence[PreferencePair]) -> list[tuple[Messages, str]]:
     """Rows in ``collate_pairs`` order: every chosen answer, then every rejected one."""
     return [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+
+
+def encoded_pair_rows(encoded: Sequence[EncodedPair]) -> list[tuple[list[int], list[int]]]:
+    """``pair_rows`` of pairs tokenised by ``encode_pairs``."""
+    return [e.rows()[0] for e in encoded] + [e.rows()[1] for e in encoded]
 
 
 def cache_fingerprint(
@@ -255,9 +304,11 @@ def cached_reference_logps(
     *,
     config: CommonConfig,
     runtime: Runtime,
+    encoded: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> RowLogps:
     """The one reference pass of a run: read back from ``output_dir`` if a previous attempt of
-    the same run wrote it, else computed (each process a slice, then gathered) and written."""
+    the same run wrote it, else computed (each process a slice, then gathered) and written.
+    ``encoded``: ``rows`` already tokenised, to skip tokenising them again."""
     path = Path(config.output_dir) / REFERENCE_CACHE
     fingerprint = cache_fingerprint(reference.digest(), config, rows)
     cached = load_row_cache(path, fingerprint)
@@ -273,6 +324,7 @@ def cached_reference_logps(
             config=config,
             device=runtime.device,
             batch_size=2 * config.batch_size,
+            encoded=None if encoded is None else [encoded[i] for i in mine],
         )
     if runtime.world_size > 1:
         from accelerate.utils import gather_object
@@ -500,13 +552,16 @@ def train_dpo(
     config: DPOConfig,
     pairs: Sequence[PreferencePair],
     policy: nn.Module,
-    reference: nn.Module | None,
+    reference: nn.Module | ReferenceLoader | None,
     tokenizer: PreTrainedTokenizerBase,
     *,
     eval_pairs: Sequence[PreferencePair] | None = None,
     runtime: Runtime | None = None,
 ) -> dict[str, float]:
     """Train ``policy`` in place on ``pairs``; returns the final evaluation figures.
+
+    ``reference`` may be a function that loads the reference model: it is then loaded for
+    the reference pass, freed for training, and loaded again for the final KL estimate.
 
     ``reference`` is the frozen reference policy; None with a LoRA policy means the policy
     with its adapters off. Writes ``metrics.jsonl``, ``eval.json``, the reference cache and
@@ -533,12 +588,30 @@ def train_dpo(
     live_ref = ref_source if spec.needs_reference and not config.precompute_reference else None
     if ref_source is not None:
         ref_source.to(device)
+    # Every pair is tokenised once, here, for the reference pass and all steps (TRL tokenises
+    # its dataset up front too); the steps only pad and stack ids.
+    lengths = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
+    encoded = encode_pairs(tokenizer, pairs, **lengths)
+    pad_id = int(tokenizer.pad_token_id)
     if spec.needs_reference and ref_source is not None and config.precompute_reference:
-        rows = pair_rows(pairs) + pair_rows(eval_pairs)
-        cache = cached_reference_logps(ref_source, rows, tokenizer, config=config, runtime=runtime)
+        # Without eval data the end-of-run figures are on the training pairs themselves: one
+        # reference pass serves both instead of computing the same rows twice.
+        same = eval_pairs is pairs
+        rows = pair_rows(pairs) + ([] if same else pair_rows(eval_pairs))
+        encoded_rows = encoded_pair_rows(encoded)
+        if not same:
+            encoded_rows += encoded_pair_rows(encode_pairs(tokenizer, eval_pairs, **lengths))
+        cache = cached_reference_logps(
+            ref_source, rows, tokenizer, config=config, runtime=runtime, encoded=encoded_rows
+        )
         n = 2 * len(pairs)
-        train_ref, eval_ref = cache.take(range(n)), cache.take(range(n, len(rows)))
+        train_ref = cache.take(range(n))
+        eval_ref = train_ref if same else cache.take(range(n, len(rows)))
     if ref_source is not None and live_ref is None:
+        # Not needed during training: a reference from a loader is freed now and loaded again
+        # only for the final KL estimate (the policy, its gradients and AdamW's two moments
+        # are the training peak; the reference would add one more copy of the weights).
+        ref_source.release()
         # Not needed again until the final KL estimate: keep the frozen copy off the GPU.
         ref_source.to("cpu")
 
@@ -573,12 +646,7 @@ def train_dpo(
             sums: dict[str, float] = {"pairs": float(len(idx))}
             lr = float(scheduler.get_last_lr()[0])
             for k, chunk in enumerate(chunks):
-                batch = collate_pairs(
-                    tokenizer,
-                    [pairs[i] for i in chunk],
-                    max_length=config.max_length,
-                    max_prompt_length=config.max_prompt_length,
-                ).to(device)
+                batch = collate_encoded_pairs([encoded[i] for i in chunk], pad_id).to(device)
                 batch_ref = None
                 if train_ref is not None:
                     batch_ref = train_ref.take(chunk + [len(pairs) + i for i in chunk])
@@ -666,14 +734,19 @@ def run(config: DPOConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(config.model)
     tokenizer.padding_side = "right"
     base = load_causal_lm(config.model, device=runtime.device, dtype=config.dtype)
-    reference = None
+    reference: ReferenceLoader | None = None
     # With LoRA and no separate reference, the adapters switched off are the reference. A
-    # reference-free loss loads one only for the final KL estimate.
+    # reference-free loss loads one only for the final KL estimate. Passed as a loader, so it
+    # is in memory only while used (see ``Reference``), not beside the training state.
     wants_reference = spec.needs_reference or config.kl_samples > 0
     if wants_reference and (config.reference_model or not config.lora):
-        reference = load_causal_lm(
-            config.reference_model or config.model, device=runtime.device, dtype=config.dtype
+        reference = functools.partial(
+            load_causal_lm,
+            config.reference_model or config.model,
+            device=runtime.device,
+            dtype=config.dtype,
         )
+
     policy: nn.Module = apply_lora(base, config, "CAUSAL_LM") if config.lora else base
     pairs = read_preference_jsonl(config.data)
     eval_pairs = read_preference_jsonl(config.eval_data) if config.eval_data else None

@@ -181,7 +181,9 @@ def build_tiny_causal_lm(
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    # "v2": caches written before the quantisation note was dropped (see resolve_model_path)
+    # load as GGUF-quantised and cannot be saved; they are converted again.
+    key = hashlib.sha256(f"v2:{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "rlhf-platform" / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
 
@@ -203,7 +205,13 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     loaded = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights are plain float32 now; kept, the GGUF ``quantization_config`` would make every
+    # model loaded from the cache refuse ``save_pretrained`` ("quantized with gguf and is not
+    # serializable"), so no model trained from a GGUF could be exported.
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
     _match_pad(model, tokenizer)

@@ -41,8 +41,10 @@ from training.core.data import (
     Demonstration,
     Messages,
     PreferencePair,
+    collate_encoded_pairs,
     collate_pairs,
     collate_sft,
+    encode_pairs,
     read_preference_jsonl,
 )
 from training.core.losses import bradley_terry_loss
@@ -308,6 +310,12 @@ def train_reward_model(
         g = torch.Generator().manual_seed(config.seed + 7)
         boot = torch.poisson(torch.ones(len(pairs), heads), generator=g)  # (N, K)
 
+    # Tokenised once here, not again in every step (TRL tokenises its dataset up front too).
+    encoded = encode_pairs(
+        tokenizer, pairs, max_length=config.max_length, max_prompt_length=config.max_prompt_length
+    )
+    pad_id = int(tokenizer.pad_token_id)
+
     metrics_file = MetricsWriter(
         out / "metrics.jsonl", enabled=rt.is_main, resume_step=start if start else None
     )
@@ -321,12 +329,7 @@ def train_reward_model(
             indices = sampler.indices(step, rt.rank)
             stats = torch.zeros(3, device=rt.device)  # loss, accuracy, margin
             for chunk in micro_batches(indices, config.grad_accum):
-                batch = collate_pairs(
-                    tokenizer,
-                    [pairs[i] for i in chunk],
-                    max_length=config.max_length,
-                    max_prompt_length=config.max_prompt_length,
-                ).to(rt.device)
+                batch = collate_encoded_pairs([encoded[i] for i in chunk], pad_id).to(rt.device)
                 b = len(chunk)
                 logits = head_logits(model, batch.input_ids, batch.attention_mask)  # (2b, K)
                 chosen, rejected = logits[:b], logits[b:]  # (b, K)

@@ -148,9 +148,18 @@ def make_optimizer_and_scheduler(
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.learning_rate, betas=(0.9, 0.999)
-    )
+    groups = [g for g in groups if g["params"]]
+    try:
+        # One fused kernel per step instead of ~10 tensor ops per parameter: on CPU the
+        # default (single-tensor) AdamW costs ~1 s per step for a 135M model. transformers'
+        # Trainer (and so TRL) defaults to the fused AdamW too; same update up to rounding.
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=config.learning_rate, betas=(0.9, 0.999), fused=True
+        )
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        optimizer = torch.optim.AdamW(
+            groups, lr=config.learning_rate, betas=(0.9, 0.999), foreach=True
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps)
     )
