@@ -6,9 +6,10 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
@@ -24,7 +25,7 @@ from annotation.models import (
     SlotStatus,
 )
 
-AnyUser = AbstractBaseUser | AnonymousUser
+AnyUser = User | AnonymousUser
 
 
 def user_roles(*, user: AnyUser, campaign: Campaign) -> set[str]:
@@ -32,7 +33,7 @@ def user_roles(*, user: AnyUser, campaign: Campaign) -> set[str]:
     if not user.is_authenticated:
         return set()
     roles = set(
-        Membership.objects.filter(campaign=campaign, user=user).values_list("role", flat=True)
+        Membership.objects.filter(campaign=campaign, user_id=user.pk).values_list("role", flat=True)
     )
     if getattr(user, "is_superuser", False):
         roles |= {Role.ADMIN, Role.ML_STAFF}
@@ -45,7 +46,7 @@ def campaigns_for_user(*, user: AnyUser) -> QuerySet[Campaign]:
         return Campaign.objects.none()
     if getattr(user, "is_superuser", False):
         return Campaign.objects.all()
-    return Campaign.objects.filter(memberships__user=user).distinct()
+    return Campaign.objects.filter(memberships__user_id=user.pk).distinct()
 
 
 def campaigns_with_roles(*, user: AnyUser) -> list[tuple[Campaign, set[str]]]:
@@ -53,7 +54,7 @@ def campaigns_with_roles(*, user: AnyUser) -> list[tuple[Campaign, set[str]]]:
     campaigns = list(campaigns_for_user(user=user).order_by("name"))
     roles: dict[int, set[str]] = {c.pk: set() for c in campaigns}
     if user.is_authenticated:
-        for campaign_id, role in Membership.objects.filter(user=user).values_list(
+        for campaign_id, role in Membership.objects.filter(user_id=user.pk).values_list(
             "campaign_id", "role"
         ):
             if campaign_id in roles:
@@ -108,7 +109,7 @@ def slot_card(*, slot: Slot) -> Card:
 
 
 def slot_for_rater(*, rater: AbstractBaseUser, campaign: Campaign, slot_id: int) -> Slot | None:
-    return Slot.objects.filter(id=slot_id, campaign=campaign, rater=rater).first()
+    return Slot.objects.filter(id=slot_id, campaign=campaign, rater_id=rater.pk).first()
 
 
 @dataclass
@@ -197,7 +198,7 @@ def rater_progress(*, campaign: Campaign) -> list[RaterProgress]:
         .values_list("rater_id", "decision_ms")
         .iterator()
     ):
-        times.setdefault(rater_id, []).append(ms)
+        times.setdefault(rater_id, []).append(cast(int, ms))  # filtered to non-null above
     last = dict(
         Judgment.objects.filter(campaign=campaign)
         .values("rater_id")
@@ -222,7 +223,7 @@ def rater_progress(*, campaign: Campaign) -> list[RaterProgress]:
 
 
 def rater_done_count(*, rater: AbstractBaseUser, campaign: Campaign) -> int:
-    return Judgment.objects.filter(campaign=campaign, rater=rater).count()
+    return Judgment.objects.filter(campaign=campaign, rater_id=rater.pk).count()
 
 
 def judgments_for_export(
@@ -264,7 +265,7 @@ def active_campaigns_for_rater(*, user: AnyUser) -> QuerySet[Campaign]:
     if not user.is_authenticated:
         return Campaign.objects.none()
     return Campaign.objects.filter(
-        status=CampaignStatus.ACTIVE, memberships__user=user, memberships__role=Role.RATER
+        status=CampaignStatus.ACTIVE, memberships__user_id=user.pk, memberships__role=Role.RATER
     ).distinct()
 
 
@@ -305,7 +306,7 @@ def rater_remaining_count(
     (Expired leases of others, which the rater could also take, are left out: few, and they
     would cost a second scan.)"""
     limit = cap * max(campaign.overlap, 1)
-    mine = Slot.objects.filter(comparison=OuterRef("comparison_id"), rater=rater)
+    mine = Slot.objects.filter(comparison=OuterRef("comparison_id"), rater_id=rater.pk)
     window = (
         Slot.objects.filter(campaign=campaign, status=SlotStatus.OPEN)
         .exclude(Exists(mine))
