@@ -46,8 +46,9 @@ run: install var/secret_key
 		--bind $(HOST):$(PORT) --workers 2 --access-logfile - --graceful-timeout 5
 
 # The whole suite. CI runs this with DATABASE_URL pointing at PostgreSQL.
+PYTEST_ARGS ?=
 test: install-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .
