@@ -46,7 +46,7 @@ from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from annotation import formats, permissions, selectors
-from annotation.exceptions import AnnotationError, ImportRejected, LeaseLost
+from annotation.exceptions import AnnotationError, ImportRejected
 from annotation.models import Campaign, CampaignStatus, CritiqueMode, Judgment, Role, Split
 from annotation.services import campaigns as campaign_services
 from annotation.services import imports as import_services
@@ -750,28 +750,21 @@ class JudgmentSubmitApi(BaseApi):
                 },
                 status=status.HTTP_400_BAD_REQUEST,
             )
-        slot = selectors.slot_for_rater(
-            rater=_caller(request), campaign=self.campaign, slot_id=data["slot"]
-        )
-        if slot is None:
-            raise LeaseLost("This comparison is no longer assigned to you. Load the next one.")
-        left_is_a = slot.left_is_a
+        # The service maps left / right to a / b with the layout of the slot it locks, so no
+        # read of the slot is needed here (it was a tenth of a submit's CPU).
         result = judgment_services.judgment_submit(
             rater=_caller(request),
             campaign=self.campaign,
-            slot_id=slot.pk,
-            choice=judgment_services.side_to_canonical(data["choice"], left_is_a=left_is_a),
+            slot_id=data["slot"],
+            choice=data["choice"],
             strength=data.get("strength"),
-            aspects={
-                name: judgment_services.side_to_canonical(answer, left_is_a=left_is_a)
-                for name, answer in data.get("aspects", {}).items()
-            },
+            aspects=data.get("aspects", {}),
             reason_tags=data.get("reason_tags"),
             rationale=data.get("rationale", ""),
             flags=data.get("flags"),
             decision_ms=data.get("decision_ms"),
             idempotency_key=key,
-            expected_left_is_a=left_is_a,
+            side_answers=True,
         )
         return Response(
             self.OutputSerializer(_judgment_as_seen(result.judgment)).data,

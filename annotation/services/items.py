@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from annotation.exceptions import AnnotationError
 from annotation.models import (
@@ -246,7 +246,21 @@ def comparisons_create(
                 for i in range(overlap)
             )
             created += len(made)
+        if created * overlap >= ANALYZE_AFTER_SLOTS and connection.vendor == "postgresql":
+            # A big import changes the slot table's statistics so much that until autovacuum
+            # analyses it (minutes), the planner leaves the open-slot index and each lease
+            # takes seconds. Analyse once the rows are visible; robust: the import is
+            # committed, so a failed ANALYZE is logged, never raised to the caller.
+            transaction.on_commit(_analyze_slots, robust=True)
     return created
+
+
+ANALYZE_AFTER_SLOTS = 10_000
+
+
+def _analyze_slots() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {connection.ops.quote_name(Slot._meta.db_table)}")
 
 
 def comparisons_build(

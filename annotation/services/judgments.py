@@ -51,6 +51,7 @@ MAX_RATIONALE_CHARS = 5000
 MAX_DECISION_MS = 24 * 3600 * 1000
 MAX_IDEMPOTENCY_KEY_CHARS = 64
 ASPECT_ANSWERS = ("a", "b", "tie")
+SIDE_ASPECTS = ("left", "right", "tie")  # aspect answers in the rater's terms
 LEASE_ATTEMPTS = 3
 
 _rng = random.SystemRandom()
@@ -367,6 +368,7 @@ def judgment_submit(
     decision_ms: int | None = None,
     idempotency_key: str | None = None,
     expected_left_is_a: bool | None = None,
+    side_answers: bool = False,
     now: datetime | None = None,
 ) -> SubmitResult:
     """Record the rater's judgment on their leased slot and fill the slot, in one transaction
@@ -385,26 +387,36 @@ def judgment_submit(
     with as ``expected_left_is_a``; it is checked under the lock, so an answer given on a card
     whose slot was since released and leased again with the sides swapped is refused
     (``LeaseLost``) instead of being stored flipped.
+
+    With ``side_answers=True``, ``choice`` and the aspect answers are in the rater's terms
+    (``left`` / ``right`` / ``tie`` / ``both_bad``) and are mapped to a / b here, with the
+    layout of the slot row this transaction locks: the caller needs no read of its own before
+    the submit (the API's hot path), and no relayout can slip in between mapping and storing.
+    The checks then run in the same order as for a caller that read the slot first: not
+    yours (``LeaseLost``), then the form (``InvalidJudgment``), then archived, then replay.
     """
     aspects = {} if aspects is None else aspects
     reason_tags = [] if reason_tags is None else reason_tags
     flags = [] if flags is None else flags
     idempotency_key = idempotency_key or None
-    _validate(
-        campaign=campaign,
-        choice=choice,
-        strength=strength,
-        aspects=aspects,
-        reason_tags=reason_tags,
-        rationale=rationale,
-        flags=flags,
-        decision_ms=decision_ms,
-        idempotency_key=idempotency_key,
-    )
-    if campaign.status == CampaignStatus.ARCHIVED:
-        raise CampaignNotActive(f"Campaign '{campaign.name}' is archived.")
-    reason_tags = list(dict.fromkeys(reason_tags))
-    flags = list(dict.fromkeys(flags))
+
+    def check(choice: str, aspects: dict[str, str]) -> None:
+        _validate(
+            campaign=campaign,
+            choice=choice,
+            strength=strength,
+            aspects=aspects,
+            reason_tags=reason_tags,
+            rationale=rationale,
+            flags=flags,
+            decision_ms=decision_ms,
+            idempotency_key=idempotency_key,
+        )
+        if campaign.status == CampaignStatus.ARCHIVED:
+            raise CampaignNotActive(f"Campaign '{campaign.name}' is archived.")
+
+    if not side_answers:
+        check(choice, aspects)
     now = now or timezone.now()
     try:
         with transaction.atomic():
@@ -416,6 +428,25 @@ def judgment_submit(
             )
             if slot is None or slot.rater_id != rater.pk:
                 raise LeaseLost("This comparison is no longer assigned to you. Load the next one.")
+            if side_answers:
+                # Canonical a / b would pass the mapping unchanged: refuse them in rater terms.
+                if choice in (Choice.A, Choice.B):
+                    raise InvalidJudgment(
+                        "choice must be left, right, tie or both_bad", field="choice"
+                    )
+                if isinstance(aspects, dict) and not all(
+                    v in SIDE_ASPECTS for v in aspects.values()
+                ):
+                    raise InvalidJudgment(
+                        "aspect answers must be left, right or tie", field="aspects"
+                    )
+                choice = side_to_canonical(choice, left_is_a=slot.left_is_a)
+                if isinstance(aspects, dict):  # anything else is refused by the check
+                    aspects = {
+                        name: side_to_canonical(answer, left_is_a=slot.left_is_a)
+                        for name, answer in aspects.items()
+                    }
+                check(choice, aspects)
             if slot.status == SlotStatus.FILLED:
                 # Double click, retry after a lost response, or a replayed form: the stored
                 # answer wins, whatever this request carries. A filled slot never changes
@@ -426,6 +457,9 @@ def judgment_submit(
                 raise LeaseLost(
                     "This comparison was reloaded with the sides swapped. Answer it again."
                 )
+            # Deduplicated only now: in side-answer mode they were validated just above.
+            reason_tags = list(dict.fromkeys(reason_tags))
+            flags = list(dict.fromkeys(flags))
             judgment = Judgment.objects.create(
                 campaign=campaign,
                 comparison_id=slot.comparison_id,

@@ -396,3 +396,43 @@ def test_choose_pairs_random_k_never_repeats_and_caps_at_all_pairs():
     assert len(picked) == len(set(picked)) == 15
     assert len(few) == len(set(few)) == 4
     assert all(a < b for a, b in few)
+
+
+# -- statistics after a big import ----------------------------------------------------------------
+
+
+def _pairs_of_one_prompt(campaign, completions: int) -> list[PairSpec]:
+    prompt = PromptFactory(campaign=campaign)
+    ids = [CompletionFactory(prompt=prompt).pk for _ in range(completions)]
+    return [
+        PairSpec(prompt_id=prompt.pk, completion_x=x, completion_y=y)
+        for i, x in enumerate(ids)
+        for y in ids[i + 1 :]
+    ]
+
+
+@pytest.mark.postgres
+def test_a_big_import_analyses_the_slot_table_once_it_is_committed(
+    django_capture_on_commit_callbacks,
+):
+    """Without fresh statistics the planner leaves the open-slot index after a big import and
+    every lease takes seconds until autovacuum comes by."""
+    campaign = make_campaign(comparisons=0, overlap=50)
+    pairs = _pairs_of_one_prompt(campaign, completions=21)  # 210 pairs x 50 = 10,500 slots
+
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        comparisons_create(campaign=campaign, pairs=pairs)
+
+    assert Slot.objects.filter(campaign=campaign).count() == 10_500
+    assert [c.__name__ for c in callbacks] == ["_analyze_slots"]  # and it ran without error
+
+
+def test_a_small_import_leaves_statistics_to_autovacuum(django_capture_on_commit_callbacks):
+    campaign = make_campaign(comparisons=0, overlap=2)
+    pairs = _pairs_of_one_prompt(campaign, completions=5)
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        comparisons_create(campaign=campaign, pairs=pairs)
+
+    assert Slot.objects.filter(campaign=campaign).count() == 20
+    assert callbacks == []

@@ -717,3 +717,62 @@ def test_side_and_canonical_answers_map_both_ways():
             assert canonical_to_side(canonical, left_was_a=left_is_a) == side
     assert side_to_canonical("left", left_is_a=False) == "b"
     assert side_to_canonical("right", left_is_a=False) == "a"
+
+
+@pytest.mark.parametrize("left_is_a", [True, False])
+def test_side_answers_are_mapped_with_the_layout_of_the_locked_slot(left_is_a):
+    campaign = make_campaign(comparisons=1, aspects=["helpfulness", "harmlessness"])
+    rater = UserFactory()
+    slot = lease(rater, campaign, rng=_FixedRng(0.1 if left_is_a else 0.9))
+    assert slot.left_is_a is left_is_a
+
+    result = judgment_submit(
+        rater=rater,
+        campaign=campaign,
+        slot_id=slot.pk,
+        choice="left",
+        aspects={"helpfulness": "right", "harmlessness": "tie"},
+        side_answers=True,
+    )
+
+    winner, loser = ("a", "b") if left_is_a else ("b", "a")
+    assert result.judgment.choice == winner
+    assert result.judgment.aspects == {"helpfulness": loser, "harmlessness": "tie"}
+    assert result.judgment.left_was_a is left_is_a
+
+
+def test_side_answers_are_checked_after_mapping_and_name_the_field():
+    campaign = make_campaign(comparisons=1, allow_tie=False, aspects=["helpfulness"])
+    rater = UserFactory()
+    slot = lease(rater, campaign)
+
+    with pytest.raises(InvalidJudgment) as tie:
+        judgment_submit(
+            rater=rater, campaign=campaign, slot_id=slot.pk, choice="tie", side_answers=True
+        )
+    with pytest.raises(InvalidJudgment) as canonical:
+        # Raters answer left / right: a canonical "a" passes through unmapped and is refused.
+        judgment_submit(
+            rater=rater,
+            campaign=campaign,
+            slot_id=slot.pk,
+            choice="left",
+            aspects={"helpfulness": "a"},
+            side_answers=True,
+        )
+
+    assert tie.value.field == "choice"
+    assert canonical.value.field == "aspects"
+    assert not Judgment.objects.exists()
+    assert Slot.objects.get(pk=slot.pk).status == SlotStatus.LEASED
+
+
+def test_side_answers_on_a_slot_not_held_are_refused_before_the_form_is_checked():
+    campaign = make_campaign(comparisons=1)
+    rater, other = UserFactory(), UserFactory()
+    slot = lease(other, campaign)
+
+    with pytest.raises(LeaseLost):
+        judgment_submit(
+            rater=rater, campaign=campaign, slot_id=slot.pk, choice="nonsense", side_answers=True
+        )
