@@ -14,6 +14,7 @@ from typing import Any
 
 from django.utils.translation import gettext_lazy as _
 from rest_framework import authentication, exceptions
+from rest_framework.authtoken.models import Token
 
 # What request handling reads: id and is_active here; is_superuser / is_staff in the
 # permission checks; username in logs and error pages.
@@ -24,14 +25,13 @@ class TokenAuthentication(authentication.TokenAuthentication):
     """``Authorization: Token <key>``, reading only the user columns a request needs."""
 
     def authenticate_credentials(self, key: str) -> tuple[Any, Any]:
-        model = self.get_model()
         try:
             token = (
-                model.objects.select_related("user")
+                Token.objects.select_related("user")
                 .only("key", "user_id", *(f"user__{field}" for field in USER_FIELDS))
                 .get(key=key)
             )
-        except model.DoesNotExist:
+        except Token.DoesNotExist:
             raise exceptions.AuthenticationFailed(_("Invalid token.")) from None
         if not token.user.is_active:
             raise exceptions.AuthenticationFailed(_("User inactive or deleted."))

@@ -396,8 +396,8 @@ def judgment_submit(
     yours (``LeaseLost``), then the form (``InvalidJudgment``), then archived, then replay.
     """
     aspects = {} if aspects is None else aspects
-    reason_tags = [] if reason_tags is None else reason_tags
-    flags = [] if flags is None else flags
+    tags: list[str] = [] if reason_tags is None else reason_tags
+    flag_list: list[str] = [] if flags is None else flags
     idempotency_key = idempotency_key or None
 
     def check(choice: str, aspects: dict[str, str]) -> None:
@@ -406,9 +406,9 @@ def judgment_submit(
             choice=choice,
             strength=strength,
             aspects=aspects,
-            reason_tags=reason_tags,
+            reason_tags=tags,
             rationale=rationale,
-            flags=flags,
+            flags=flag_list,
             decision_ms=decision_ms,
             idempotency_key=idempotency_key,
         )
@@ -458,8 +458,8 @@ def judgment_submit(
                     "This comparison was reloaded with the sides swapped. Answer it again."
                 )
             # Deduplicated only now: in side-answer mode they were validated just above.
-            reason_tags = list(dict.fromkeys(reason_tags))
-            flags = list(dict.fromkeys(flags))
+            reason_tags = list(dict.fromkeys(tags))
+            flags = list(dict.fromkeys(flag_list))
             judgment = Judgment.objects.create(
                 campaign=campaign,
                 comparison_id=slot.comparison_id,
