@@ -21,4 +21,4 @@ RUN SECRET_KEY=build-only-$(python -c 'import secrets; print(secrets.token_urlsa
 RUN useradd --system --home /var/lib/rlhf rlhf && mkdir -p /var/lib/rlhf && chown rlhf /var/lib/rlhf
 USER rlhf
 EXPOSE 8000
-CMD ["gunicorn", "rlhf_site.wsgi", "--bind", "0.0.0.0:8000", "--workers", "4", "--access-logfile", "-"]
+CMD ["gunicorn", "rlhf_site.wsgi", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "4", "--threads", "4", "--access-logfile", "-"]
