@@ -65,6 +65,14 @@ def world(db) -> World:
     return World(campaign, other, rater, admin, ml, other_rater, other_admin, outsider)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Throttle counters live in the cache: every test starts from none."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 def is_postgres() -> bool:
     return connection.vendor == "postgresql"
 

@@ -19,3 +19,8 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast in 
 
 # whitenoise warns on every request when STATIC_ROOT is missing; tests serve from finders.
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+
+# Each test process gets its own in-memory cache (cleared before every test in conftest): the
+# login throttle counts requests in the cache, and a cache shared between pytest-xdist workers
+# (Redis in CI) would carry counts from one test into another.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
