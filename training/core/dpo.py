@@ -84,7 +84,7 @@ from training.core.runner import (
     should_save,
     total_steps,
 )
-from training.core.tracking import MetricsWriter, progress, read_metrics, write_json_atomic
+from training.core.tracking import MetricsWriter, progress, write_json_atomic
 
 log = logging.getLogger("training.core.dpo")
 
@@ -529,16 +529,6 @@ def unique_prompts(prompts: Iterable[Messages], limit: int) -> list[Messages]:
     return list(seen.values())
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop lines of steps after the checkpoint: they are about to be redone."""
-    if not path.is_file():
-        return
-    rows = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def reduce_sums(runtime: Runtime, sums: dict[str, float]) -> dict[str, float]:
     if runtime.world_size == 1:
         return sums
@@ -630,14 +620,14 @@ def train_dpo(
     metrics_path = out_dir / "metrics.jsonl"
     if runtime.is_main and start > 0:
         log.info("resuming from step %d", start)
-        truncate_metrics(metrics_path, start)
     if runtime.is_main:
         write_json_atomic(out_dir / "run_config.json", run_config_dict(config, "dpo"))
 
     last: dict[str, float] = {}
     model.train()
     with (
-        MetricsWriter(metrics_path, enabled=runtime.is_main) as writer,
+        # On resume the writer drops lines of steps after the checkpoint: they are redone.
+        MetricsWriter(metrics_path, enabled=runtime.is_main, resume_step=start or None) as writer,
         progress(total - start, "dpo", enabled=runtime.is_main) as bar,
     ):
         for step in range(start, total):

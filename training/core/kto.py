@@ -38,7 +38,6 @@ from training.core.dpo import (
     cached_reference_logps,
     reduce_sums,
     sampled_kl,
-    truncate_metrics,
     unique_prompts,
 )
 from training.core.losses import kl_k3, kto_kl_estimate, kto_loss
@@ -323,14 +322,12 @@ def train_kto(
     model, optimizer = runtime.accelerator.prepare(policy, optimizer)
     metrics_path = out_dir / "metrics.jsonl"
     if runtime.is_main:
-        if start > 0:
-            truncate_metrics(metrics_path, start)
         write_json_atomic(out_dir / "run_config.json", run_config_dict(config, "kto"))
 
     last: dict[str, float] = {}
     model.train()
     with (
-        MetricsWriter(metrics_path, enabled=runtime.is_main) as writer,
+        MetricsWriter(metrics_path, enabled=runtime.is_main, resume_step=start or None) as writer,
         progress(total - start, "kto", enabled=runtime.is_main) as bar,
     ):
         for step in range(start, total):
