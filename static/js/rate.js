@@ -299,4 +299,6 @@
   });
 
   initCard();
+  // Shortcuts are live from here on; browser tests (and anyone scripting the page) wait for this.
+  root.dataset.ready = "1";
 })();

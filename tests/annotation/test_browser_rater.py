@@ -116,6 +116,8 @@ class Session:
     def open_campaign(self, campaign) -> None:
         self.page.click(f"a[href='/rate/{campaign.slug}/']")
         self.page.wait_for_selector("form.judge, [data-state]")
+        # rate.js is deferred: keys pressed before it has bound its listeners would be lost.
+        self.page.wait_for_selector("#rate-root[data-ready='1']", state="attached")
 
     def card_id(self) -> str | None:
         return self.page.evaluate(
