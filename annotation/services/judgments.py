@@ -34,6 +34,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
+from annotation import db
 from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost
 from annotation.models import (
     Campaign,
@@ -53,6 +54,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 64
 ASPECT_ANSWERS = ("a", "b", "tie")
 SIDE_ASPECTS = ("left", "right", "tie")  # aspect answers in the rater's terms
 LEASE_ATTEMPTS = 3
+# What a submit reads of the slot it locks.
+SUBMIT_SLOT_FIELDS = ("id", "comparison_id", "status", "rater_id", "left_is_a", "critique_shown")
 
 _rng = random.SystemRandom()
 
@@ -420,11 +423,10 @@ def judgment_submit(
     now = now or timezone.now()
     try:
         with transaction.atomic():
-            slot = (
-                Slot.objects.select_for_update()
-                .filter(id=slot_id, campaign=campaign)
-                .only("id", "comparison_id", "status", "rater_id", "left_is_a", "critique_shown")
-                .first()
+            slot = db.get_for_update(
+                Slot,
+                attnames=SUBMIT_SLOT_FIELDS,
+                where={"id": slot_id, "campaign_id": campaign.pk},
             )
             if slot is None or slot.rater_id != rater.pk:
                 raise LeaseLost("This comparison is no longer assigned to you. Load the next one.")
@@ -460,7 +462,7 @@ def judgment_submit(
             # Deduplicated only now: in side-answer mode they were validated just above.
             reason_tags = list(dict.fromkeys(tags))
             flags = list(dict.fromkeys(flag_list))
-            judgment = Judgment.objects.create(
+            judgment = Judgment(
                 campaign=campaign,
                 comparison_id=slot.comparison_id,
                 slot_id=slot.id,
@@ -477,7 +479,8 @@ def judgment_submit(
                 guidelines_version=campaign.guidelines_version,
                 idempotency_key=idempotency_key,
             )
-            Slot.objects.filter(id=slot.id).update(status=SlotStatus.FILLED, filled_at=now)
+            db.insert(judgment)
+            db.update_by_pk(Slot, slot.id, status=SlotStatus.FILLED, filled_at=now)
     except IntegrityError:
         # We held the slot, and the slot constraints keep this rater off every other slot of
         # the comparison, so only the idempotency key can clash: this rater already used it
