@@ -90,26 +90,57 @@ def get_for_update(model: type[M], *, attnames: Sequence[str], where: dict[str, 
     instead), loaded with only ``attnames``; ``None`` if there is none. Call it inside
     ``transaction.atomic``. Values in ``where`` must be plain (ints, strings)."""
     attnames = in_model_order(model, attnames)
-    sql = _select_sql(model, attnames, tuple(where), connection.vendor)
-    if connection.features.has_select_for_update:
-        sql += " FOR UPDATE"
+    sql = _select_sql(model, attnames, tuple(where), connection.vendor) + lock_clause()
     with connection.cursor() as cursor:
         cursor.execute(sql, list(where.values()))
         row = cursor.fetchone()
-    if row is None:
-        return None
-    meta = model._meta
-    by_attname = {f.attname: f for f in meta.concrete_fields}
+    return None if row is None else from_row(model, attnames, row)
+
+
+def fetch_one(model: type[M], sql: str, params: Sequence[Any]) -> M | None:
+    """The first row ``sql`` returns as a ``model`` instance (``sql`` selects ``columns``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else from_row(model, None, row)
+
+
+def lock_clause(*, skip_locked: bool = False) -> str:
+    """`` FOR UPDATE`` (``SKIP LOCKED``) where the database has row locks, else nothing:
+    SQLite serialises writers instead (the project opens its transactions IMMEDIATE)."""
+    features = connection.features
+    if not features.has_select_for_update:
+        return ""
+    if skip_locked and features.has_select_for_update_skip_locked:
+        return " FOR UPDATE SKIP LOCKED"
+    return " FOR UPDATE"
+
+
+def columns(model: type[models.Model], alias: str = "") -> str:
+    """Every concrete column of ``model`` in field order (what ``from_row`` takes without
+    ``attnames``), each prefixed with ``alias.`` when given."""
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(prefix + _qn(f.column) for f in model._meta.concrete_fields)
+
+
+def from_row(model: type[M], attnames: Sequence[str] | None, row: Sequence[Any]) -> M:
+    """A model instance from a database row, with the conversions the ORM applies.
+    ``attnames`` in model order (``in_model_order``); ``None`` for every field, as
+    ``columns`` selects them."""
+    fields: Sequence[models.Field[Any, Any]] = model._meta.concrete_fields
+    if attnames is not None:
+        by_attname = {f.attname: f for f in fields}
+        fields = [by_attname[a] for a in attnames]
     values = []
-    for attname, value in zip(attnames, row, strict=True):
-        field = by_attname[attname]
+    for field, value in zip(fields, row, strict=True):
         column = field.cached_col  # what the ORM hands converters
         for converter in connection.ops.get_db_converters(column) + field.get_db_converters(
             connection
         ):
             value = converter(value, column, connection)
         values.append(value)
-    return model.from_db(connection.alias, list(attnames), values)
+    names = [f.attname for f in fields]
+    return model.from_db(connection.alias, names, values)
 
 
 @cache

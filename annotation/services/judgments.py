@@ -24,14 +24,16 @@ UPDATE``, which does not block the key-share lock a judgment insert takes on it.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q, Subquery
 from django.utils import timezone
 
 from annotation import db
@@ -96,15 +98,15 @@ def _lease(
     # Sides are randomised per lease, so position bias averages out and can be measured.
     slot.left_is_a = rng.random() < 0.5
     slot.critique_shown = _critique_shown_for(campaign=campaign, slot=slot, rng=rng)
-    slot.save(
-        update_fields=[
-            "status",
-            "rater",
-            "leased_at",
-            "lease_expires_at",
-            "left_is_a",
-            "critique_shown",
-        ]
+    db.update_by_pk(
+        Slot,
+        slot.pk,
+        status=slot.status,
+        rater_id=rater.pk,
+        leased_at=slot.leased_at,
+        lease_expires_at=slot.lease_expires_at,
+        left_is_a=slot.left_is_a,
+        critique_shown=slot.critique_shown,
     )
     return slot
 
@@ -166,54 +168,84 @@ def _lease_next_once(
 ) -> Slot | None:
     # Wait (no SKIP LOCKED) on the rater's own lease: if a submit of it is in flight we see
     # it filled afterwards and move on; skipping it would hand the rater a second lease.
-    held = (
-        Slot.objects.select_for_update()
-        .filter(campaign=campaign, rater_id=rater.pk, status=SlotStatus.LEASED)
-        .order_by("lease_expires_at")
-        .first()
-    )
+    held = db.fetch_one(Slot, _held_lease_sql() + db.lock_clause(), [campaign.pk, rater.pk])
     if held is not None:
         held.lease_expires_at = now + timedelta(seconds=campaign.lease_seconds)
-        held.save(update_fields=["lease_expires_at"])
+        db.update_by_pk(Slot, held.pk, lease_expires_at=held.lease_expires_at)
         return held
 
-    for candidates in lease_candidates(
+    for sql, params in lease_queries(
         rater=rater, campaign=campaign, now=now, exclude_comparison_ids=exclude_comparison_ids
     ):
-        slot = candidates.select_for_update(skip_locked=True).first()
+        slot = db.fetch_one(Slot, sql + db.lock_clause(skip_locked=True), params)
         if slot is not None:
             return _lease(slot=slot, rater=rater, campaign=campaign, now=now, rng=rng)
     return None
 
 
-def lease_candidates(
+# Leasing runs on every "next" a rater asks for, so its statements are SQL written once rather
+# than querysets compiled per request (that compiling cost more CPU than running them). The
+# status values are literals: they must match the partial indexes' conditions for the planner
+# to use those indexes.
+@functools.cache
+def _held_lease_sql() -> str:
+    def c(name: str) -> str:
+        return db.column(Slot, name)
+
+    return (
+        f"SELECT {db.columns(Slot)} FROM {db.table(Slot)}"
+        f" WHERE {c('campaign')} = %s AND {c('rater')} = %s AND {c('status')} = 'leased'"
+        f" ORDER BY {c('lease_expires_at')} LIMIT 1"
+    )
+
+
+@functools.cache
+def _lease_queue_sql(queue: str, excluded: int) -> str:
+    def c(name: str) -> str:
+        return "s." + db.column(Slot, name)
+
+    if queue == "expired":
+        where = f"{c('status')} = 'leased' AND {c('lease_expires_at')} < %s"
+        order = c("lease_expires_at")
+    else:
+        where = f"{c('status')} = 'open'"
+        order = f"{c('priority')} DESC, {c('id')}"
+    skipped = ""
+    if excluded:
+        skipped = f" AND {c('comparison')} NOT IN ({', '.join(['%s'] * excluded)})"
+    mine = (
+        f"SELECT 1 FROM {db.table(Slot)} m WHERE m.{db.column(Slot, 'comparison')}"
+        f" = {c('comparison')} AND m.{db.column(Slot, 'rater')} = %s"
+    )
+    return (
+        f"SELECT {db.columns(Slot, 's')} FROM {db.table(Slot)} s"
+        f" WHERE {c('campaign')} = %s AND {where} AND NOT EXISTS ({mine}){skipped}"
+        f" ORDER BY {order} LIMIT 1"
+    )
+
+
+def lease_queries(
     *,
     rater: AbstractBaseUser,
     campaign: Campaign,
     now: datetime,
     exclude_comparison_ids: Collection[int] = (),
-) -> tuple[QuerySet[Slot], QuerySet[Slot]]:
-    """The two queues a new lease is taken from, in order: expired leases of other raters,
-    then open slots; both leave out comparisons the rater already holds or judged. Exposed so
-    tests can EXPLAIN exactly what leasing runs."""
-    already_mine = Slot.objects.filter(comparison=OuterRef("comparison"), rater_id=rater.pk)
-    # Orderings match the partial indexes exactly, so the planner walks an index and stops at
-    # the first row it can lock; no sort over the queue.
-    expired = (
-        Slot.objects.filter(campaign=campaign, status=SlotStatus.LEASED, lease_expires_at__lt=now)
-        .exclude(Exists(already_mine))
-        .order_by("lease_expires_at")
-    )
-    open_slots = (
-        Slot.objects.filter(campaign=campaign, status=SlotStatus.OPEN)
-        .exclude(Exists(already_mine))
-        .order_by("-priority", "id")
-    )
-    if exclude_comparison_ids:
-        skipped = list(exclude_comparison_ids)
-        expired = expired.exclude(comparison_id__in=skipped)
-        open_slots = open_slots.exclude(comparison_id__in=skipped)
-    return expired, open_slots
+) -> list[tuple[str, list[Any]]]:
+    """The two queues a new lease is taken from, in order, as ``(sql, params)`` selecting one
+    whole slot row (the caller adds the lock clause): expired leases of other raters, then
+    open slots; both leave out comparisons the rater already holds or judged, and the ones in
+    ``exclude_comparison_ids``. The orderings match the partial indexes ``slot_queue_leased``
+    and ``slot_queue_open`` exactly, so the planner walks an index and stops at the first row
+    it can lock: no sort over the queue. Exposed so tests can EXPLAIN exactly what runs."""
+    skipped = list(exclude_comparison_ids)
+    now_param = Slot._meta.get_field("lease_expires_at").get_db_prep_value(now, connection)
+    return [
+        (
+            _lease_queue_sql("expired", len(skipped)),
+            [campaign.pk, now_param, rater.pk, *skipped],
+        ),
+        (_lease_queue_sql("open", len(skipped)), [campaign.pk, rater.pk, *skipped]),
+    ]
 
 
 def slots_reclaim_expired(*, campaign: Campaign | None = None, now: datetime | None = None) -> int:

@@ -28,7 +28,7 @@ from annotation.services.judgments import (
     MAX_RATIONALE_CHARS,
     canonical_to_side,
     judgment_submit,
-    lease_candidates,
+    lease_queries,
     side_to_canonical,
     slot_lease_next,
     slot_release,
@@ -633,9 +633,11 @@ def test_postgres_trigger_rejects_updating_a_judgment():
     assert not Judgment.objects.exists()
 
 
-def _explain(queryset) -> str:
-    with transaction.atomic():
-        return queryset.select_for_update(skip_locked=True)[:1].explain()
+def _explain(query: tuple[str, list]) -> str:
+    sql, params = query
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + sql + " FOR UPDATE SKIP LOCKED", params)
+        return "\n".join(row[0] for row in cursor.fetchall())
 
 
 @pytest.mark.postgres
@@ -664,7 +666,7 @@ def test_postgres_leasing_walks_the_partial_indexes_without_sorting():
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE annotation_slot")
 
-    expired, open_slots = lease_candidates(rater=raters[0], campaign=campaign, now=timezone.now())
+    expired, open_slots = lease_queries(rater=raters[0], campaign=campaign, now=timezone.now())
     plans = {"slot_queue_leased": _explain(expired), "slot_queue_open": _explain(open_slots)}
 
     for index, plan in plans.items():
