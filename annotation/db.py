@@ -97,6 +97,18 @@ def get_for_update(model: type[M], *, attnames: Sequence[str], where: dict[str, 
     return None if row is None else from_row(model, attnames, row)
 
 
+def _convert(field: models.Field[Any, Any], value: Any) -> Any:
+    column = field.cached_col  # what the ORM hands converters
+    for converter in connection.ops.get_db_converters(column) + field.get_db_converters(connection):
+        value = converter(value, column, connection)
+    return value
+
+
+def to_python(model: type[models.Model], attname: str, value: Any) -> Any:
+    """A value of field ``attname`` as read from the database, converted as the ORM would."""
+    return _convert(model._meta.get_field(attname), value)  # type: ignore[arg-type]
+
+
 def fetch_one(model: type[M], sql: str, params: Sequence[Any]) -> M | None:
     """The first row ``sql`` returns as a ``model`` instance (``sql`` selects ``columns``)."""
     with connection.cursor() as cursor:
@@ -131,14 +143,7 @@ def from_row(model: type[M], attnames: Sequence[str] | None, row: Sequence[Any])
     if attnames is not None:
         by_attname = {f.attname: f for f in fields}
         fields = [by_attname[a] for a in attnames]
-    values = []
-    for field, value in zip(fields, row, strict=True):
-        column = field.cached_col  # what the ORM hands converters
-        for converter in connection.ops.get_db_converters(column) + field.get_db_converters(
-            connection
-        ):
-            value = converter(value, column, connection)
-        values.append(value)
+    values = [_convert(field, value) for field, value in zip(fields, row, strict=True)]
     names = [f.attname for f in fields]
     return model.from_db(connection.alias, names, values)
 

@@ -11,6 +11,7 @@ from typing import cast
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
+from django.db import connection, models
 from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
@@ -19,9 +20,11 @@ from annotation.models import (
     Campaign,
     CampaignStatus,
     Comparison,
+    Completion,
     Critique,
     Judgment,
     Membership,
+    Prompt,
     Role,
     Slot,
     SlotStatus,
@@ -78,7 +81,6 @@ class Card:
     """What the rater sees: sides are already in left/right order; no model names."""
 
     slot: Slot
-    comparison: Comparison
     messages: list[dict[str, str]]
     left: Side
     right: Side
@@ -86,27 +88,45 @@ class Card:
 
 
 def slot_card(*, slot: Slot) -> Card:
-    """Build the rater's card for a leased slot in two queries (one more with critiques)."""
-    comparison = Comparison.objects.select_related("prompt", "completion_a", "completion_b").get(
-        pk=slot.comparison_id
-    )
-    critiques: dict[int, list[Critique]] = {
-        comparison.completion_a_id: [],
-        comparison.completion_b_id: [],
-    }
+    """Build the rater's card for a leased slot: one fixed statement (a second one when the
+    slot shows critiques). Runs on every lease, hence SQL written once (``annotation.db``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_card_sql(), [slot.comparison_id])
+        row = cursor.fetchone()
+    if row is None:
+        raise Comparison.DoesNotExist(f"comparison {slot.comparison_id} of slot {slot.pk}")
+    a_id, b_id, a_text, b_text, messages = row
+    messages = db.to_python(Prompt, "messages", messages)
+    critiques: dict[int, list[Critique]] = {a_id: [], b_id: []}
     if slot.critique_shown:
-        for critique in Critique.objects.filter(completion_id__in=list(critiques)).order_by("id"):
+        for critique in Critique.objects.filter(completion_id__in=[a_id, b_id]).order_by("id"):
             critiques[critique.completion_id].append(critique)
-    a = Side(text=comparison.completion_a.text, critiques=critiques[comparison.completion_a_id])
-    b = Side(text=comparison.completion_b.text, critiques=critiques[comparison.completion_b_id])
+    a = Side(text=a_text, critiques=critiques[a_id])
+    b = Side(text=b_text, critiques=critiques[b_id])
     left, right = (a, b) if slot.left_is_a else (b, a)
     return Card(
         slot=slot,
-        comparison=comparison,
-        messages=list(comparison.prompt.messages),
+        messages=list(messages),
         left=left,
         right=right,
         lease_expires_at=slot.lease_expires_at,
+    )
+
+
+@functools.cache
+def _card_sql() -> str:
+    def c(model: type[models.Model], name: str) -> str:
+        return db.column(model, name)
+
+    text = c(Completion, "text")
+    return (
+        f"SELECT x.{c(Comparison, 'completion_a')}, x.{c(Comparison, 'completion_b')},"
+        f" ca.{text}, cb.{text}, p.{c(Prompt, 'messages')}"
+        f" FROM {db.table(Comparison)} x"
+        f" JOIN {db.table(Completion)} ca ON ca.{c(Completion, 'pk')} = x.{c(Comparison, 'completion_a')}"
+        f" JOIN {db.table(Completion)} cb ON cb.{c(Completion, 'pk')} = x.{c(Comparison, 'completion_b')}"
+        f" JOIN {db.table(Prompt)} p ON p.{c(Prompt, 'pk')} = x.{c(Comparison, 'prompt')}"
+        f" WHERE x.{c(Comparison, 'pk')} = %s"
     )
 
 
