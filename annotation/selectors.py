@@ -301,19 +301,21 @@ def campaign_with_roles(*, user: AnyUser, slug: str) -> tuple[Campaign, set[str]
     holds admin and ML staff everywhere."""
     if not user.is_authenticated:
         return None
-    rows = list(Campaign.objects.raw(_campaign_with_roles_sql(), [user.pk, slug]))
+    with connection.cursor() as cursor:
+        cursor.execute(_campaign_with_roles_sql(), [user.pk, slug])
+        rows = cursor.fetchall()
     if not rows:
         return None
-    roles: set[str] = {r for r in (getattr(row, "member_role", None) for row in rows) if r}
+    roles: set[str] = {row[-1] for row in rows if row[-1] is not None}
     if getattr(user, "is_superuser", False):
         roles |= {Role.ADMIN, Role.ML_STAFF}
-    return rows[0], roles
+    return db.from_row(Campaign, None, rows[0][:-1]), roles
 
 
 @functools.cache
 def _campaign_with_roles_sql() -> str:
     return (
-        f"SELECT c.*, m.{db.column(Membership, 'role')} AS member_role"
+        f"SELECT {db.columns(Campaign, 'c')}, m.{db.column(Membership, 'role')}"
         f" FROM {db.table(Campaign)} c LEFT JOIN {db.table(Membership)} m"
         f" ON m.{db.column(Membership, 'campaign')} = c.{db.column(Campaign, 'pk')}"
         f" AND m.{db.column(Membership, 'user')} = %s"

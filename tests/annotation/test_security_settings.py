@@ -94,6 +94,23 @@ def test_production_starts_with_a_real_secret_key(tmp_path):
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [(None, "{'server_side_binding': True, 'prepare_threshold': 5}"), ("0", "{}")],
+)
+def test_postgres_uses_prepared_statements_unless_switched_off(tmp_path, setting, expected):
+    variables = {"SECRET_KEY": real_key(), "DATABASE_URL": "postgres://u@db.invalid:5432/x"}
+    if setting is not None:
+        variables["DATABASE_PREPARED_STATEMENTS"] = setting
+    code = (
+        "import django; django.setup(); from django.conf import settings;"
+        " print(settings.DATABASES['default'].get('OPTIONS', {}))"
+    )
+    result = run_django(tmp_path, code, **variables)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
 def test_a_key_file_is_read_like_a_docker_secret(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text(real_key() + "\n")
