@@ -47,8 +47,9 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from annotation import formats, permissions, selectors
-from annotation.exceptions import AnnotationError, ImportRejected
+from annotation import formats, permissions, reports, selectors
+from annotation.exceptions import AnnotationError, ImportRejected, InvalidJudgment
+from annotation.formats.export import WEIGHTED_FORMATS
 from annotation.models import Campaign, CampaignStatus, CritiqueMode, Judgment, Role, Split
 from annotation.services import campaigns as campaign_services
 from annotation.services import imports as import_services
@@ -256,6 +257,9 @@ class CampaignFieldsSerializer(serializers.Serializer):
     critique_mode = serializers.ChoiceField(choices=CritiqueMode.choices, required=False)
     critique_fraction = serializers.FloatField(min_value=0, max_value=1, required=False)
     gold_fraction = serializers.FloatField(min_value=0, max_value=1, required=False)
+    gold_overlap = serializers.IntegerField(min_value=1, max_value=50, required=False)
+    screening_items = serializers.IntegerField(min_value=0, max_value=100, required=False)
+    screening_min_accuracy = serializers.FloatField(min_value=0, max_value=1, required=False)
 
 
 class CampaignDetailOutputSerializer(serializers.Serializer):
@@ -277,6 +281,9 @@ class CampaignDetailOutputSerializer(serializers.Serializer):
     critique_mode = serializers.CharField()
     critique_fraction = serializers.FloatField()
     gold_fraction = serializers.FloatField()
+    gold_overlap = serializers.IntegerField()
+    screening_items = serializers.IntegerField()
+    screening_min_accuracy = serializers.FloatField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 
@@ -587,6 +594,7 @@ class ComparisonsBuildApi(BaseApi):
 
 class CritiqueOutputSerializer(serializers.Serializer):
     # The critic model's name stays on the server, like the completions' sources.
+    id = serializers.IntegerField(help_text="For critique_verdicts in the submit.")
     text = serializers.CharField()
     spans = serializers.ListField(child=serializers.DictField())
 
@@ -660,7 +668,7 @@ def _side_as_seen(side: selectors.Side) -> dict[str, Any]:
     # The critic model's name stays on the server, like the completions' sources.
     return {
         "text": side.text,
-        "critiques": [{"text": c.text, "spans": list(c.spans)} for c in side.critiques],
+        "critiques": [{"id": c.pk, "text": c.text, "spans": list(c.spans)} for c in side.critiques],
     }
 
 
@@ -711,6 +719,11 @@ class JudgmentSubmitApi(BaseApi):
         )
         decision_ms = serializers.IntegerField(min_value=0, required=False, allow_null=True)
         idempotency_key = serializers.CharField(max_length=64, required=False)
+        critique_verdicts = serializers.DictField(
+            child=serializers.BooleanField(),
+            required=False,
+            help_text="Critique id -> whether it points at a real problem (critiques shown).",
+        )
 
         def validate_aspects(self, value: dict[str, str]) -> dict[str, str]:
             if len(value) > MAX_LIST_ITEMS:
@@ -779,6 +792,7 @@ class JudgmentSubmitApi(BaseApi):
             flags=data.get("flags"),
             decision_ms=data.get("decision_ms"),
             idempotency_key=key,
+            critique_verdicts=_verdicts(data.get("critique_verdicts")),
             side_answers=True,
         )
         return Response(
@@ -843,6 +857,9 @@ def fast_judgment_input(data: Any) -> dict[str, Any] | None:
         "flags": _plain_tags,
         "decision_ms": lambda v: _plain_int(v, minimum=0, nullable=True),
         "idempotency_key": lambda v: _plain_text(v, max_length=64, trimmed=True),
+        "critique_verdicts": lambda v: (
+            type(v) is dict and all(type(k) is str and type(b) is bool for k, b in v.items())
+        ),
     }
     out: dict[str, Any] = {"slot": slot, "choice": choice}
     for name, check in checks.items():
@@ -852,6 +869,14 @@ def fast_judgment_input(data: Any) -> dict[str, Any] | None:
                 return None
             out[name] = value
     return out
+
+
+def _verdicts(raw: dict[str, bool] | None) -> dict[int, bool] | None:
+    if not raw:
+        return None
+    if not all(key.isdigit() for key in raw):
+        raise InvalidJudgment("critique ids are whole numbers", field="critique_verdicts")
+    return {int(key): valid for key, valid in raw.items()}
 
 
 def judgment_as_seen(judgment: Judgment) -> dict[str, Any]:
@@ -974,11 +999,15 @@ class JudgmentExportApi(BaseApi):
         query = self.QuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         fmt = query.validated_data["format"]
+        # Dawid-Skene weights, once per export and before the stream starts (one query).
+        weights = (
+            reports.judgment_weights(campaign=self.campaign) if fmt in WEIGHTED_FORMATS else None
+        )
         judgments = selectors.judgments_for_export(
             campaign=self.campaign, split=query.validated_data.get("split")
         )
         # A generator: rows are read and written while the response is being sent.
-        chunks = formats.export_chunks(judgments, fmt=fmt)
+        chunks = formats.export_chunks(judgments, fmt=fmt, weights=weights)
         response = StreamingHttpResponse(chunks, content_type="application/x-ndjson")
         response["Content-Disposition"] = f'attachment; filename="{self.campaign.slug}-{fmt}.jsonl"'
         response["Cache-Control"] = "no-store"

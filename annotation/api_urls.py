@@ -2,7 +2,7 @@
 
 from django.urls import URLPattern, URLResolver, path
 
-from annotation import api
+from annotation import api, api_gold, api_quality
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("auth/token/", api.AuthTokenApi.as_view(), name="api-token"),
@@ -17,6 +17,12 @@ urlpatterns: list[URLPattern | URLResolver] = [
         api.ComparisonsBuildApi.as_view(),
         name="api-comparisons-build",
     ),
+    path("campaigns/<slug:slug>/gold/", api_gold.GoldGenerateApi.as_view(), name="api-gold"),
+    path(
+        "campaigns/<slug:slug>/comparisons/<int:comparison_id>/gold/",
+        api_gold.ComparisonGoldSetApi.as_view(),
+        name="api-comparison-gold",
+    ),
     path("campaigns/<slug:slug>/next/", api.SlotLeaseApi.as_view(), name="api-next"),
     path("campaigns/<slug:slug>/judgments/", api.JudgmentSubmitApi.as_view(), name="api-judgments"),
     path(
@@ -26,4 +32,9 @@ urlpatterns: list[URLPattern | URLResolver] = [
     ),
     path("campaigns/<slug:slug>/progress/", api.CampaignProgressApi.as_view(), name="api-progress"),
     path("campaigns/<slug:slug>/export/", api.JudgmentExportApi.as_view(), name="api-export"),
+    path(
+        "campaigns/<slug:slug>/quality/",
+        api_quality.CampaignQualityApi.as_view(),
+        name="api-quality",
+    ),
 ]

@@ -17,6 +17,12 @@ class CampaignNotActive(AnnotationError):
     status_code = 409
 
 
+class ScreeningFailed(AnnotationError):
+    """The rater did not pass the campaign's screening: no more work for them there."""
+
+    status_code = 403
+
+
 class LeaseLost(AnnotationError):
     """The slot's lease expired and someone else took it, or it was never this rater's."""
 

@@ -86,7 +86,27 @@ class CampaignForm(forms.Form):
         initial=0.5,
         help_text="In experiment mode, the share of leases that show critiques.",
     )
-    gold_fraction = forms.FloatField(min_value=0, max_value=1, initial=0.0)
+    gold_fraction = forms.FloatField(
+        min_value=0,
+        max_value=1,
+        initial=0.0,
+        help_text="Share of each rater's comparisons drawn from the gold items (e.g. 0.05).",
+    )
+    gold_overlap = forms.IntegerField(
+        min_value=1, max_value=50, initial=10, help_text="How many raters answer each gold item."
+    )
+    screening_items = forms.IntegerField(
+        min_value=0,
+        max_value=100,
+        initial=0,
+        help_text="Gold items a new rater must answer before real work; 0 turns screening off.",
+    )
+    screening_min_accuracy = forms.FloatField(
+        min_value=0,
+        max_value=1,
+        initial=0.8,
+        help_text="Share of the screening items a rater must get right to go on.",
+    )
 
     def __init__(self, *args: Any, creating: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -168,3 +188,37 @@ class ImportForm(PairingFields):
 
 class BuildForm(PairingFields):
     pass
+
+
+class GoldGenerateForm(forms.Form):
+    count = forms.IntegerField(
+        min_value=1, max_value=1000, initial=20, help_text="How many gold items to make."
+    )
+    kinds = forms.MultipleChoiceField(
+        choices=[
+            ("truncate", "Truncate it mid-sentence"),
+            ("swap", "Swap in an answer to another prompt"),
+            ("refusal", "Replace it with a refusal"),
+            ("shuffle", "Shuffle its sentences"),
+            ("planted_error", "Plant one of the errors below"),
+        ],
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+        help_text="Ways to corrupt a good answer; none ticked: all that apply.",
+    )
+    planted_errors = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 5}),
+        required=False,
+        max_length=20_000,
+        help_text=(
+            "One per line: 'find => replace' swaps a word or phrase (e.g. 'boiling => freezing'),"
+            " anything else is inserted as a false statement. Lines starting with # are skipped."
+        ),
+    )
+    source_name = forms.CharField(
+        required=False,
+        max_length=200,
+        label="Only answers from source",
+        help_text="The model whose answers are good enough to be the right answer; empty: any.",
+    )
+    seed = forms.IntegerField(required=False, help_text="For a reproducible draw.")

@@ -80,7 +80,18 @@ class Campaign(models.Model):
     critique_fraction = models.FloatField(
         default=0.5, help_text="Share of leases that show critiques in experiment mode."
     )
-    gold_fraction = models.FloatField(default=0.0)
+    gold_fraction = models.FloatField(
+        default=0.0, help_text="Share of each rater's leases drawn from the gold items."
+    )
+    gold_overlap = models.PositiveSmallIntegerField(
+        default=10, help_text="How many raters answer each gold item."
+    )
+    screening_items = models.PositiveSmallIntegerField(
+        default=0, help_text="Gold items a rater must answer before real work; 0: no screening."
+    )
+    screening_min_accuracy = models.FloatField(
+        default=0.8, help_text="Share of the screening items a rater must get right."
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -103,6 +114,14 @@ class Campaign(models.Model):
             models.CheckConstraint(
                 condition=Q(gold_fraction__gte=0) & Q(gold_fraction__lte=1),
                 name="campaign_gold_fraction_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(gold_overlap__gte=1) & Q(gold_overlap__lte=50),
+                name="campaign_gold_overlap_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(screening_min_accuracy__gte=0) & Q(screening_min_accuracy__lte=1),
+                name="campaign_screening_accuracy_range",
             ),
         ]
 
@@ -136,6 +155,7 @@ class SourceKind(models.TextChoices):
     MODEL = "model", "Imported model output"
     HUMAN = "human", "Human-written"
     POLICY = "policy", "Policy version trained here"
+    GOLD = "gold", "Corrupted copy made for a gold item"
 
 
 class Source(models.Model):
@@ -206,7 +226,11 @@ class Comparison(models.Model):
     # Canonical order: A has the smaller id, so (x, y) and (y, x) are one comparison.
     completion_a = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+")
     completion_b = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+")
+    # Gold: the known right answer (canonical a / b / tie / both_bad); never shown to raters.
     gold_choice = models.CharField(max_length=16, choices=Choice.choices, blank=True)
+    # How a generated gold item was made (annotation.gold.Corruption), for the admin only.
+    gold_kind = models.CharField(max_length=32, blank=True)
+    gold_note = models.CharField(max_length=300, blank=True)
     priority = models.FloatField(default=0.0, help_text="Higher is served first.")
     judgments_wanted = models.PositiveSmallIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
@@ -258,6 +282,9 @@ class Slot(models.Model):
     left_is_a = models.BooleanField(default=True)
     critique_shown = models.BooleanField(default=False)
     filled_at = models.DateTimeField(null=True, blank=True)
+    # Copied from the comparison (gold_choice set): gold slots wait in a queue of their own,
+    # served at the campaign's gold fraction, so they can be mixed in at a known rate.
+    gold = models.BooleanField(default=False)
 
     class Meta:
         constraints = [
@@ -291,8 +318,14 @@ class Slot(models.Model):
             # The queue: open slots of a campaign, best first. Partial, so it only holds work.
             models.Index(
                 fields=["campaign", "-priority", "id"],
-                condition=Q(status="open"),
+                condition=Q(status="open", gold=False),
                 name="slot_queue_open",
+            ),
+            # Gold items waiting, in the order they are served.
+            models.Index(
+                fields=["campaign", "id"],
+                condition=Q(status="open", gold=True),
+                name="slot_queue_gold",
             ),
             # Expired-lease reclaim: only live leases are in it.
             models.Index(
@@ -347,3 +380,50 @@ class Judgment(models.Model):
 
     def __str__(self) -> str:
         return f"Judgment {self.pk}: {self.choice}"
+
+
+class CritiqueVerdict(models.Model):
+    """A rater's call on a critique they were shown with a comparison: does it point at a real
+    problem? Written with the judgment, in its transaction; what critique precision is
+    measured from (the CriticGPT experiment)."""
+
+    judgment = models.ForeignKey(Judgment, on_delete=models.CASCADE, related_name="verdicts")
+    critique = models.ForeignKey(Critique, on_delete=models.CASCADE, related_name="verdicts")
+    valid = models.BooleanField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["judgment", "critique"], name="critique_verdict_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{'valid' if self.valid else 'invalid'}: critique {self.critique_id}"
+
+
+class ScreeningStatus(models.TextChoices):
+    PASSED = "passed", "Passed"
+    FAILED = "failed", "Failed"
+
+
+class RaterScreening(models.Model):
+    """A rater's result on a campaign's screening: the first ``screening_items`` gold items
+    they answered. Written once, when the last of them is submitted (or the gold ran out);
+    kept, so a failed rater stays out and the admin can see why."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="screenings")
+    rater = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="screenings"
+    )
+    status = models.CharField(max_length=8, choices=ScreeningStatus.choices)
+    correct = models.PositiveIntegerField()
+    total = models.PositiveIntegerField()
+    required_accuracy = models.FloatField()
+    finished_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["campaign", "rater"], name="screening_once_per_rater")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rater} {self.status} screening of {self.campaign}"

@@ -12,7 +12,7 @@ from typing import cast
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.db import connection, models
-from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, F, Max, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from annotation import db
@@ -25,6 +25,7 @@ from annotation.models import (
     Judgment,
     Membership,
     Prompt,
+    RaterScreening,
     Role,
     Slot,
     SlotStatus,
@@ -366,3 +367,54 @@ def user_by_username(*, username: str) -> AbstractBaseUser | None:
 
 def user_by_id(*, user_id: int) -> AbstractBaseUser | None:
     return get_user_model().objects.filter(pk=user_id).first()
+
+
+@dataclass(frozen=True)
+class GoldRow:
+    comparison: Comparison
+    answers: int
+    correct: int
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.answers if self.answers else None
+
+
+@dataclass(frozen=True)
+class GoldSummary:
+    items: int
+    answers: int
+    correct: int
+    rows: list[GoldRow]  # the newest ``limit`` gold items
+    screenings: list[RaterScreening]
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.answers if self.answers else None
+
+
+def gold_summary(*, campaign: Campaign, limit: int = 200) -> GoldSummary:
+    """The campaign's gold items with how raters answered them, and the screening results;
+    four queries whatever the campaign's size (the table shows the newest ``limit`` items)."""
+    gold = Comparison.objects.filter(campaign=campaign).exclude(gold_choice="")
+    answered = Count("judgments")
+    right = Count("judgments", filter=Q(judgments__choice=F("gold_choice")))
+    totals = gold.aggregate(items=Count("id", distinct=True), answers=answered, correct=right)
+    rows = [
+        GoldRow(comparison=c, answers=c.n_answers, correct=c.n_correct)
+        for c in gold.select_related("prompt")
+        .annotate(n_answers=answered, n_correct=right)
+        .order_by("-id")[:limit]
+    ]
+    screenings = list(
+        RaterScreening.objects.filter(campaign=campaign)
+        .select_related("rater")
+        .order_by("-finished_at")
+    )
+    return GoldSummary(
+        items=totals["items"],
+        answers=totals["answers"],
+        correct=totals["correct"],
+        rows=rows,
+        screenings=screenings,
+    )

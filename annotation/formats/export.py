@@ -4,10 +4,13 @@ for the formats and the strength -> margin mapping."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 EXPORT_FORMATS = ("trl", "text", "full")
+# The formats whose lines carry the rater's ``weight`` when the export is given weights.
+WEIGHTED_FORMATS = ("trl", "full")
+WEIGHT_DIGITS = 4
 _HH_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
@@ -25,18 +28,22 @@ def _winner_loser(judgment: Any) -> tuple[Any, Any] | None:
     return None
 
 
-def trl_record(judgment: Any) -> dict[str, Any] | None:
-    """TRL's conversational preference row, or ``None`` for a tie or both-bad."""
+def trl_record(judgment: Any, *, weight: float | None = None) -> dict[str, Any] | None:
+    """TRL's conversational preference row, or ``None`` for a tie or both-bad. With a
+    ``weight``, the row carries it (rounded to ``WEIGHT_DIGITS`` places)."""
     pair = _winner_loser(judgment)
     if pair is None:
         return None
     chosen, rejected = pair
-    return {
+    record = {
         "prompt": judgment.comparison.prompt.messages,
         "chosen": [{"role": "assistant", "content": chosen.text}],
         "rejected": [{"role": "assistant", "content": rejected.text}],
         "margin": margin_for(judgment.strength),
     }
+    if weight is not None:
+        record["weight"] = round(weight, WEIGHT_DIGITS)
+    return record
 
 
 def hh_prompt(messages: list[dict[str, str]]) -> str:
@@ -45,7 +52,9 @@ def hh_prompt(messages: list[dict[str, str]]) -> str:
     return turns + "\n\nAssistant:"
 
 
-def text_record(judgment: Any) -> dict[str, Any] | None:
+def text_record(judgment: Any, *, weight: float | None = None) -> dict[str, Any] | None:
+    """TRL's plain-text preference row (HH dialogue prompt). It carries no weight: ``weight``
+    is accepted so every record builder has one signature, and ignored."""
     pair = _winner_loser(judgment)
     if pair is None:
         return None
@@ -67,10 +76,11 @@ def _completion_record(completion: Any) -> dict[str, Any]:
     }
 
 
-def full_record(judgment: Any) -> dict[str, Any]:
+def full_record(judgment: Any, *, weight: float | None = None) -> dict[str, Any]:
+    """Everything recorded about the judgment; with a ``weight``, that too (rounded)."""
     comparison = judgment.comparison
     prompt = comparison.prompt
-    return {
+    record = {
         "judgment_id": judgment.pk,
         "comparison_id": comparison.pk,
         "prompt_id": prompt.pk,
@@ -94,6 +104,9 @@ def full_record(judgment: Any) -> dict[str, Any]:
         "created_at": judgment.created_at.isoformat(),
         "gold": comparison.gold_choice or None,
     }
+    if weight is not None:
+        record["weight"] = round(weight, WEIGHT_DIGITS)
+    return record
 
 
 _RECORDS = {"trl": trl_record, "text": text_record, "full": full_record}
@@ -108,22 +121,34 @@ def export_line(record: dict[str, Any]) -> bytes:
     return line.encode("utf-8") + b"\n"
 
 
-def export_lines(judgments: Iterable[Any], *, fmt: str) -> Iterator[bytes]:
+def export_lines(
+    judgments: Iterable[Any], *, fmt: str, weights: Mapping[int, float] | None = None
+) -> Iterator[bytes]:
+    """One line per judgment. ``weights`` (rater id -> weight, computed once per export) puts
+    a ``weight`` on every line of the ``WEIGHTED_FORMATS``; a rater missing from it gets 0,
+    what Dawid-Skene gives a rater it has no evidence about. Without ``weights``, no line
+    has the field."""
     build = _RECORDS[fmt]
+    lookup = weights if fmt in WEIGHTED_FORMATS else None
     for judgment in judgments:
-        record = build(judgment)
+        weight = None if lookup is None else lookup.get(judgment.rater_id, 0.0)
+        record = build(judgment, weight=weight)
         if record is not None:
             yield export_line(record)
 
 
 def export_chunks(
-    judgments: Iterable[Any], *, fmt: str, chunk_bytes: int = 64 * 1024
+    judgments: Iterable[Any],
+    *,
+    fmt: str,
+    chunk_bytes: int = 64 * 1024,
+    weights: Mapping[int, float] | None = None,
 ) -> Iterator[bytes]:
     """Export lines grouped into chunks of about ``chunk_bytes``: one write per chunk, not
-    per line, while memory stays bounded by the chunk."""
+    per line, while memory stays bounded by the chunk. ``weights``: see ``export_lines``."""
     buffer: list[bytes] = []
     size = 0
-    for line in export_lines(judgments, fmt=fmt):
+    for line in export_lines(judgments, fmt=fmt, weights=weights):
         buffer.append(line)
         size += len(line)
         if size >= chunk_bytes:

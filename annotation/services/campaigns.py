@@ -37,6 +37,9 @@ EDITABLE_FIELDS = (
     "critique_mode",
     "critique_fraction",
     "gold_fraction",
+    "gold_overlap",
+    "screening_items",
+    "screening_min_accuracy",
 )
 
 # Allowed status transitions; archived is terminal.
@@ -68,6 +71,9 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "lease_seconds": (10, float("inf"), "at least 10 seconds"),
     "critique_fraction": (0, 1, "between 0 and 1"),
     "gold_fraction": (0, 1, "between 0 and 1"),
+    "gold_overlap": (1, 50, "between 1 and 50"),
+    "screening_items": (0, 100, "between 0 and 100"),
+    "screening_min_accuracy": (0, 1, "between 0 and 1"),
 }
 
 
@@ -133,7 +139,7 @@ def campaign_update(*, campaign: Campaign, **fields: Any) -> Campaign:
             fields[list_field] = clean_option_list(fields[list_field], field=list_field)
     with transaction.atomic():
         locked = Campaign.objects.select_for_update(no_key=True).get(pk=campaign.pk)
-        old_overlap = locked.overlap
+        old_overlap, old_gold_overlap = locked.overlap, locked.gold_overlap
         if "guidelines" in fields and fields["guidelines"] != locked.guidelines:
             locked.guidelines_version += 1
         for key, value in fields.items():
@@ -141,23 +147,29 @@ def campaign_update(*, campaign: Campaign, **fields: Any) -> Campaign:
         _full_clean(locked)
         locked.save()
         if locked.overlap != old_overlap:
-            _resize_slots(campaign=locked, old=old_overlap, new=locked.overlap)
+            _resize_slots(campaign=locked, old=old_overlap, new=locked.overlap, gold=False)
+        if locked.gold_overlap != old_gold_overlap:
+            _resize_slots(campaign=locked, old=old_gold_overlap, new=locked.gold_overlap, gold=True)
     return locked
 
 
-def _resize_slots(*, campaign: Campaign, old: int, new: int) -> None:
-    """Make every comparison of the campaign have ``max(new, filled)`` slots.
+def _resize_slots(*, campaign: Campaign, old: int, new: int, gold: bool) -> None:
+    """Make every comparison of the campaign have ``max(new, filled)`` slots: the ordinary
+    comparisons (``overlap``) or the gold ones (``gold_overlap``).
 
     Slot indexes are not dense after a shrink (filled slots keep theirs), so new slots are
     numbered after the highest index in use rather than from the old overlap.
     """
-    Comparison.objects.filter(campaign=campaign).update(judgments_wanted=new)
+    comparisons = Comparison.objects.filter(campaign=campaign)
+    comparisons = (
+        comparisons.exclude(gold_choice="") if gold else comparisons.filter(gold_choice="")
+    )
+    comparisons.update(judgments_wanted=new)
     if new < old:
-        _shrink_slots(campaign=campaign, new=new)
+        _shrink_slots(campaign=campaign, new=new, gold=gold)
         return
     short = (
-        Comparison.objects.filter(campaign=campaign)
-        .annotate(n_slots=Count("slots"), top=Max("slots__index"))
+        comparisons.annotate(n_slots=Count("slots"), top=Max("slots__index"))
         .filter(n_slots__lt=new)
         .values_list("id", "priority", "n_slots", "top")
     )
@@ -165,7 +177,13 @@ def _resize_slots(*, campaign: Campaign, old: int, new: int) -> None:
     for comparison_id, priority, n_slots, top in short.iterator(chunk_size=2000):
         first = 0 if top is None else top + 1
         batch.extend(
-            Slot(campaign=campaign, comparison_id=comparison_id, index=first + i, priority=priority)
+            Slot(
+                campaign=campaign,
+                comparison_id=comparison_id,
+                index=first + i,
+                priority=priority,
+                gold=gold,
+            )
             for i in range(new - n_slots)
         )
         if len(batch) >= 5000:
@@ -174,7 +192,7 @@ def _resize_slots(*, campaign: Campaign, old: int, new: int) -> None:
     Slot.objects.bulk_create(batch)
 
 
-def _shrink_slots(*, campaign: Campaign, new: int) -> None:
+def _shrink_slots(*, campaign: Campaign, new: int, gold: bool) -> None:
     """Delete the slots ranked past ``new`` in each comparison (filled first, then leases,
     then open ones), except filled ones. A rater whose lease is deleted gets LeaseLost.
 
@@ -183,7 +201,7 @@ def _shrink_slots(*, campaign: Campaign, new: int) -> None:
     for that submit, the re-check then skips the now-filled slot, and the next round ranks it
     first and dooms another slot instead. Each round deletes a slot or ends, so it stops.
     """
-    while doomed := _shrink_ids(campaign=campaign, new=new):
+    while doomed := _shrink_ids(campaign=campaign, new=new, gold=gold):
         for start in range(0, len(doomed), 5000):
             still_unfilled = list(
                 Slot.objects.select_for_update()
@@ -194,7 +212,7 @@ def _shrink_slots(*, campaign: Campaign, new: int) -> None:
             Slot.objects.filter(id__in=still_unfilled).delete()
 
 
-def _shrink_ids(*, campaign: Campaign, new: int) -> list[int]:
+def _shrink_ids(*, campaign: Campaign, new: int, gold: bool) -> list[int]:
     rank = Window(
         expression=RowNumber(),
         partition_by="comparison_id",
@@ -210,7 +228,7 @@ def _shrink_ids(*, campaign: Campaign, new: int) -> list[int]:
     )
     return [
         slot_id
-        for slot_id, status in Slot.objects.filter(campaign=campaign)
+        for slot_id, status in Slot.objects.filter(campaign=campaign, gold=gold)
         .annotate(rank=rank)
         .filter(rank__gt=new)
         .values_list("id", "status")

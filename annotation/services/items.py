@@ -165,12 +165,15 @@ class PairSpec:
     completion_y: int
     priority: float = 0.0
     gold_choice: str = ""
+    gold_kind: str = ""
+    gold_note: str = ""
 
 
 def comparisons_create(
     *, campaign: Campaign, pairs: Iterable[PairSpec], batch_size: int = 2000
 ) -> int:
-    """Create comparisons (canonical order, duplicates skipped) with ``overlap`` slots each.
+    """Create comparisons (canonical order, duplicates skipped) with ``overlap`` slots each
+    (``gold_overlap`` for gold ones, whose slots go to the gold queue).
 
     Both completions of a pair must answer the pair's prompt, and the prompt must belong to
     the campaign: a comparison never shows text from another campaign. ``gold_choice`` is
@@ -182,11 +185,11 @@ def comparisons_create(
     reads the overlap under that lock, so an overlap change cannot interleave and leave the new
     comparisons with the old number of slots.
     """
-    created = 0
+    created = slots = 0
     with transaction.atomic():
-        overlap = (
+        overlap, gold_overlap = (
             Campaign.objects.select_for_update(no_key=True)
-            .values_list("overlap", flat=True)
+            .values_list("overlap", "gold_overlap")
             .get(pk=campaign.pk)
         )
         position = 0
@@ -222,7 +225,10 @@ def comparisons_create(
                         completion_b_id=b,
                         priority=spec.priority,
                         gold_choice=gold,
-                        judgments_wanted=overlap,
+                        gold_kind=spec.gold_kind,
+                        gold_note=spec.gold_note[:300],
+                        # Gold items are answered by more raters: each answer grades a rater.
+                        judgments_wanted=gold_overlap if gold else overlap,
                     )
                 )
             existing = set(
@@ -241,12 +247,19 @@ def comparisons_create(
                 fresh.append(row)
             made = Comparison.objects.bulk_create(fresh)
             Slot.objects.bulk_create(
-                Slot(campaign=campaign, comparison_id=c.pk, index=i, priority=c.priority)
+                Slot(
+                    campaign=campaign,
+                    comparison_id=c.pk,
+                    index=i,
+                    priority=c.priority,
+                    gold=c.is_gold,
+                )
                 for c in made
-                for i in range(overlap)
+                for i in range(c.judgments_wanted)
             )
             created += len(made)
-        if created * overlap >= ANALYZE_AFTER_SLOTS and connection.vendor == "postgresql":
+            slots += sum(c.judgments_wanted for c in made)
+        if slots >= ANALYZE_AFTER_SLOTS and connection.vendor == "postgresql":
             # A big import changes the slot table's statistics so much that until autovacuum
             # analyses it (minutes), the planner leaves the open-slot index and each lease
             # takes seconds. Analyse once the rows are visible; robust: the import is

@@ -37,7 +37,7 @@ from django.db.models import Q, Subquery
 from django.utils import timezone
 
 from annotation import db
-from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost
+from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost, ScreeningFailed
 from annotation.models import (
     Campaign,
     CampaignStatus,
@@ -45,7 +45,10 @@ from annotation.models import (
     Comparison,
     Critique,
     CritiqueMode,
+    CritiqueVerdict,
     Judgment,
+    RaterScreening,
+    ScreeningStatus,
     Slot,
     SlotStatus,
 )
@@ -57,7 +60,15 @@ ASPECT_ANSWERS = ("a", "b", "tie")
 SIDE_ASPECTS = ("left", "right", "tie")  # aspect answers in the rater's terms
 LEASE_ATTEMPTS = 3
 # What a submit reads of the slot it locks.
-SUBMIT_SLOT_FIELDS = ("id", "comparison_id", "status", "rater_id", "left_is_a", "critique_shown")
+SUBMIT_SLOT_FIELDS = (
+    "id",
+    "comparison_id",
+    "status",
+    "rater_id",
+    "left_is_a",
+    "critique_shown",
+    "gold",
+)
 
 _rng = random.SystemRandom()
 
@@ -174,13 +185,76 @@ def _lease_next_once(
         db.update_by_pk(Slot, held.pk, lease_expires_at=held.lease_expires_at)
         return held
 
-    for sql, params in lease_queries(
+    expired, open_slots, gold = lease_queries(
         rater=rater, campaign=campaign, now=now, exclude_comparison_ids=exclude_comparison_ids
-    ):
+    )
+    if _screening_pending(campaign=campaign, rater=rater):
+        # Screening: gold items only, until the rater has answered enough of them (the
+        # submit that answers the last one records the result). When the gold runs out
+        # first, the result is recorded on what they answered.
+        slot = db.fetch_one(Slot, gold[0] + db.lock_clause(skip_locked=True), gold[1])
+        if slot is not None:
+            return _lease(slot=slot, rater=rater, campaign=campaign, now=now, rng=rng)
+        if not _screening_finish(campaign=campaign, rater=rater, out_of_gold=True):
+            raise ScreeningFailed("You did not pass the screening for this campaign.")
+    queues = [expired, open_slots]
+    if campaign.gold_fraction > 0 and rng.random() < campaign.gold_fraction:
+        # Gold is mixed in at the campaign's rate; the slot looks like any other.
+        queues.insert(0, gold)
+    for sql, params in queues:
         slot = db.fetch_one(Slot, sql + db.lock_clause(skip_locked=True), params)
         if slot is not None:
             return _lease(slot=slot, rater=rater, campaign=campaign, now=now, rng=rng)
     return None
+
+
+def _screening_pending(*, campaign: Campaign, rater: AbstractBaseUser) -> bool:
+    """Whether the rater still has to be screened; raises ``ScreeningFailed`` if they were
+    and failed. No query when the campaign does not screen."""
+    if campaign.screening_items == 0:
+        return False
+    status = (
+        RaterScreening.objects.filter(campaign=campaign, rater_id=rater.pk)
+        .values_list("status", flat=True)
+        .first()
+    )
+    if status == ScreeningStatus.FAILED:
+        raise ScreeningFailed("You did not pass the screening for this campaign.")
+    return status is None
+
+
+def _screening_finish(
+    *, campaign: Campaign, rater: AbstractBaseUser, out_of_gold: bool = False
+) -> bool:
+    """Record the rater's screening result once they have answered ``screening_items`` gold
+    items (or, with ``out_of_gold``, whatever they answered); returns whether they passed.
+    Idempotent: the first result written stands (a unique constraint keeps it one row)."""
+    answers = list(
+        Judgment.objects.filter(campaign=campaign, rater_id=rater.pk)
+        .exclude(comparison__gold_choice="")
+        .order_by("id")
+        .values_list("choice", "comparison__gold_choice")[: campaign.screening_items]
+    )
+    if len(answers) < campaign.screening_items and not out_of_gold:
+        return True  # not finished yet
+    correct = sum(choice == gold for choice, gold in answers)
+    # No gold to screen with at all: nothing to fail on.
+    passed = not answers or correct >= campaign.screening_min_accuracy * len(answers)
+    RaterScreening.objects.bulk_create(
+        [
+            RaterScreening(
+                campaign=campaign,
+                rater_id=rater.pk,
+                status=ScreeningStatus.PASSED if passed else ScreeningStatus.FAILED,
+                correct=correct,
+                total=len(answers),
+                required_accuracy=campaign.screening_min_accuracy,
+            )
+        ],
+        ignore_conflicts=True,
+    )
+    stored = RaterScreening.objects.get(campaign=campaign, rater_id=rater.pk)
+    return stored.status == ScreeningStatus.PASSED
 
 
 # Leasing runs on every "next" a rater asks for, so its statements are SQL written once rather
@@ -207,8 +281,11 @@ def _lease_queue_sql(queue: str, excluded: int) -> str:
     if queue == "expired":
         where = f"{c('status')} = 'leased' AND {c('lease_expires_at')} < %s"
         order = c("lease_expires_at")
+    elif queue == "gold":
+        where = f"{c('status')} = 'open' AND {c('gold')}"
+        order = c("id")
     else:
-        where = f"{c('status')} = 'open'"
+        where = f"{c('status')} = 'open' AND NOT {c('gold')}"
         order = f"{c('priority')} DESC, {c('id')}"
     skipped = ""
     if excluded:
@@ -231,12 +308,14 @@ def lease_queries(
     now: datetime,
     exclude_comparison_ids: Collection[int] = (),
 ) -> list[tuple[str, list[Any]]]:
-    """The two queues a new lease is taken from, in order, as ``(sql, params)`` selecting one
-    whole slot row (the caller adds the lock clause): expired leases of other raters, then
-    open slots; both leave out comparisons the rater already holds or judged, and the ones in
-    ``exclude_comparison_ids``. The orderings match the partial indexes ``slot_queue_leased``
-    and ``slot_queue_open`` exactly, so the planner walks an index and stops at the first row
-    it can lock: no sort over the queue. Exposed so tests can EXPLAIN exactly what runs."""
+    """The three queues a new lease is taken from, as ``(sql, params)`` selecting one whole
+    slot row (the caller adds the lock clause): expired leases of other raters, open slots,
+    and open gold slots (served at the campaign's gold fraction, and alone during screening).
+    All leave out comparisons the rater already holds or judged, and the ones in
+    ``exclude_comparison_ids``. The orderings match the partial indexes ``slot_queue_leased``,
+    ``slot_queue_open`` and ``slot_queue_gold`` exactly, so the planner walks an index and
+    stops at the first row it can lock: no sort over the queue. Exposed so tests can EXPLAIN
+    exactly what runs."""
     skipped = list(exclude_comparison_ids)
     now_param = Slot._meta.get_field("lease_expires_at").get_db_prep_value(now, connection)
     return [
@@ -245,6 +324,7 @@ def lease_queries(
             [campaign.pk, now_param, rater.pk, *skipped],
         ),
         (_lease_queue_sql("open", len(skipped)), [campaign.pk, rater.pk, *skipped]),
+        (_lease_queue_sql("gold", len(skipped)), [campaign.pk, rater.pk, *skipped]),
     ]
 
 
@@ -379,6 +459,27 @@ def canonical_to_side(canonical: str, *, left_was_a: bool) -> str:
     return canonical
 
 
+MAX_VERDICTS = 20
+
+
+def _check_verdicts(*, slot: Slot, verdicts: dict[int, bool]) -> None:
+    field = "critique_verdicts"
+    if not isinstance(verdicts, dict) or len(verdicts) > MAX_VERDICTS:
+        raise InvalidJudgment(f"at most {MAX_VERDICTS} critique verdicts", field=field)
+    if not all(_is_int(k) and isinstance(v, bool) for k, v in verdicts.items()):
+        raise InvalidJudgment("critique verdicts map critique ids to true or false", field=field)
+    if not slot.critique_shown:
+        raise InvalidJudgment("no critiques were shown with this comparison", field=field)
+    pair = Comparison.objects.filter(pk=slot.comparison_id)
+    shown = Critique.objects.filter(
+        Q(completion_id=Subquery(pair.values("completion_a_id")[:1]))
+        | Q(completion_id=Subquery(pair.values("completion_b_id")[:1])),
+        id__in=list(verdicts),
+    ).count()
+    if shown != len(verdicts):
+        raise InvalidJudgment("a critique verdict names a critique not shown here", field=field)
+
+
 def _replay(*, earlier: Judgment, slot_id: int) -> SubmitResult:
     if earlier.slot_id != slot_id:
         # Returning the other judgment would tell the client this answer was stored.
@@ -402,6 +503,7 @@ def judgment_submit(
     flags: list[str] | None = None,
     decision_ms: int | None = None,
     idempotency_key: str | None = None,
+    critique_verdicts: dict[int, bool] | None = None,
     expected_left_is_a: bool | None = None,
     side_answers: bool = False,
     now: datetime | None = None,
@@ -422,6 +524,11 @@ def judgment_submit(
     with as ``expected_left_is_a``; it is checked under the lock, so an answer given on a card
     whose slot was since released and leased again with the sides swapped is refused
     (``LeaseLost``) instead of being stored flipped.
+
+    ``critique_verdicts`` maps ids of critiques shown with this comparison to the rater's
+    call on each (valid: it points at a real problem); stored with the judgment. Only for a
+    slot that showed critiques, and only that comparison's critiques (``InvalidJudgment`` on
+    ``critique_verdicts`` otherwise).
 
     With ``side_answers=True``, ``choice`` and the aspect answers are in the rater's terms
     (``left`` / ``right`` / ``tie`` / ``both_bad``) and are mapped to a / b here, with the
@@ -511,8 +618,17 @@ def judgment_submit(
                 guidelines_version=campaign.guidelines_version,
                 idempotency_key=idempotency_key,
             )
+            if critique_verdicts:
+                _check_verdicts(slot=slot, verdicts=critique_verdicts)
             db.insert(judgment)
             db.update_by_pk(Slot, slot.id, status=SlotStatus.FILLED, filled_at=now)
+            if critique_verdicts:
+                CritiqueVerdict.objects.bulk_create(
+                    CritiqueVerdict(judgment=judgment, critique_id=critique_id, valid=valid)
+                    for critique_id, valid in critique_verdicts.items()
+                )
+            if slot.gold and campaign.screening_items:
+                _screening_finish(campaign=campaign, rater=rater)
     except IntegrityError:
         # We held the slot, and the slot constraints keep this rater off every other slot of
         # the comparison, so only the idempotency key can clash: this rater already used it

@@ -24,8 +24,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.middleware import HtmxDetails
 
-from annotation import formats, permissions, selectors
+from annotation import formats, permissions, reports, selectors
 from annotation.exceptions import AnnotationError, ImportRejected
+from annotation.formats.export import WEIGHTED_FORMATS
 from annotation.forms import (
     BuildForm,
     CampaignForm,
@@ -321,9 +322,11 @@ def campaign_export(request: HttpRequest, slug: str) -> HttpResponseBase:
         return HttpResponseBadRequest(f"format must be one of {', '.join(formats.EXPORT_FORMATS)}")
     if split is not None and split not in formats.SPLITS:
         return HttpResponseBadRequest(f"split must be one of {', '.join(formats.SPLITS)}")
+    # Dawid-Skene weights, once per export and before the stream starts (one query).
+    weights = reports.judgment_weights(campaign=campaign) if fmt in WEIGHTED_FORMATS else None
     judgments = selectors.judgments_for_export(campaign=campaign, split=split)
     response = StreamingHttpResponse(
-        formats.export_chunks(judgments, fmt=fmt),
+        formats.export_chunks(judgments, fmt=fmt, weights=weights),
         content_type="application/x-ndjson; charset=utf-8",
     )
     # The slug is a validated SlugField, so it is safe inside the header.

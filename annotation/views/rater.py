@@ -31,7 +31,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from django_htmx.middleware import HtmxDetails
 
 from annotation import permissions, selectors
-from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost
+from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost, ScreeningFailed
 from annotation.models import Campaign, Choice, Role, Slot, SlotStatus
 from annotation.services.judgments import (
     judgment_submit,
@@ -191,6 +191,10 @@ def _next_card(request: HttpRequest, campaign: Campaign) -> tuple[dict[str, Any]
     except CampaignNotActive as exc:
         context.update(state="paused", message=exc.message)
         return context, 409
+    except ScreeningFailed as exc:
+        # 409 like a paused campaign: the card region swaps in the message in place.
+        context.update(state="screening_failed", message=exc.message)
+        return context, 409
     if slot is None:
         context["state"] = "empty"
     else:
@@ -260,8 +264,15 @@ def parse_answer(post: Any, *, campaign: Campaign, left_is_a: bool) -> dict[str,
         if answer not in ("left", "right", "tie"):
             raise InvalidJudgment(f"aspect '{name}': answer 1, 2 or tie", field="aspects")
         aspects[name] = side_to_canonical(answer, left_is_a=left_is_a)
+    verdicts = {}
+    for name in post:
+        if name.startswith("critique-") and post.get(name) in ("valid", "invalid"):
+            critique_id = _optional_int(name.removeprefix("critique-"), field="critique_verdicts")
+            if critique_id is not None:
+                verdicts[critique_id] = post.get(name) == "valid"
     key = post.get("idempotency_key", "")
     return {
+        "critique_verdicts": verdicts or None,
         "choice": choice,
         "strength": strength,
         "aspects": aspects,

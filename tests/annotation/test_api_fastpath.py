@@ -57,6 +57,14 @@ bodies = st.fixed_dictionaries(
         "flags": tag_lists,
         "decision_ms": ints,
         "idempotency_key": st.one_of(texts, st.just("k" * 65), scalars),
+        "critique_verdicts": st.one_of(
+            st.dictionaries(
+                st.sampled_from(["1", "22", "x", ""]),
+                st.sampled_from([True, False, "true", 1, None]),
+                max_size=3,
+            ),
+            scalars,
+        ),
         "unknown": scalars,
     },
 )

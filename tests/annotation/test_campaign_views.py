@@ -60,6 +60,9 @@ def form_data(**overrides: object) -> dict[str, object]:
         "critique_mode": "experiment",
         "critique_fraction": 0.25,
         "gold_fraction": 0.1,
+        "gold_overlap": 5,
+        "screening_items": 3,
+        "screening_min_accuracy": 0.75,
     }
     data.update(overrides)
     return {k: v for k, v in data.items() if v is not None}
@@ -160,6 +163,8 @@ def test_create_stores_every_option_as_a_draft_with_the_creator_as_admin(db, cli
     )
     assert (campaign.critique_mode, campaign.critique_fraction) == ("experiment", 0.25)
     assert campaign.gold_fraction == 0.1
+    assert (campaign.gold_overlap, campaign.screening_items) == (5, 3)
+    assert campaign.screening_min_accuracy == 0.75
     assert campaign.guidelines_version == 1
     assert Membership.objects.filter(campaign=campaign, user=user, role=Role.ADMIN).exists()
 
@@ -211,6 +216,9 @@ def edit_data(campaign: Campaign, **overrides: object) -> dict[str, object]:
         critique_mode=campaign.critique_mode,
         critique_fraction=campaign.critique_fraction,
         gold_fraction=campaign.gold_fraction,
+        gold_overlap=campaign.gold_overlap,
+        screening_items=campaign.screening_items,
+        screening_min_accuracy=campaign.screening_min_accuracy,
     )
     data.update(overrides)
     return {k: v for k, v in data.items() if v is not None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 
 import pytest
 from django.http import StreamingHttpResponse
@@ -140,7 +141,8 @@ def test_trl_export_skips_ties_and_both_bad_and_every_line_is_a_preference(big, 
     decisive = Judgment.objects.filter(campaign=campaign, choice__in=("a", "b")).count()
     assert len(lines) == decisive == 2000
     for line in lines:
-        assert set(line) == {"prompt", "chosen", "rejected", "margin"}
+        assert set(line) == {"prompt", "chosen", "rejected", "margin", "weight"}
+        assert 0.0 <= line["weight"] <= 1.0
         assert line["chosen"][0]["role"] == line["rejected"][0]["role"] == "assistant"
         assert line["chosen"] != line["rejected"]
         assert line["margin"] in (0.0, 1.0, 2.0)
@@ -297,3 +299,92 @@ def test_imported_candidates_come_back_in_the_trl_fields(db, client):
         {line["completion_a"]["source"], line["completion_b"]["source"]} == {"good", "bad"}
         for line in full
     )
+
+
+# -- Dawid-Skene weight per line ----------------------------------------------------------------
+
+
+def spammed_campaign() -> Campaign:
+    """Two careful raters ("careful-a", "careful-b") and a random clicker ("spammer") on the
+    same 30 comparisons, through the lease and submit services; the truth alternates a, b."""
+    campaign = CampaignFactory(overlap=3)
+    source = SourceFactory(name="model-w")
+    pairs = []
+    for i in range(30):
+        prompt = Prompt.objects.create(
+            campaign=campaign, messages=[{"role": "user", "content": f"Q{i}"}]
+        )
+        x = Completion.objects.create(prompt=prompt, source=source, text=f"first {i}")
+        y = Completion.objects.create(prompt=prompt, source=source, text=f"second {i}")
+        pairs.append(PairSpec(prompt_id=prompt.pk, completion_x=x.pk, completion_y=y.pk))
+    comparisons_create(campaign=campaign, pairs=pairs)
+    truth = {
+        c.pk: "a" if n % 2 == 0 else "b"
+        for n, c in enumerate(Comparison.objects.filter(campaign=campaign).order_by("id"))
+    }
+    careful = [UserFactory(username="careful-a"), UserFactory(username="careful-b")]
+    spammer = UserFactory(username="spammer")
+    rng = random.Random(7)
+    for rater in [*careful, spammer]:
+        while (slot := slot_lease_next(rater=rater, campaign=campaign, rng=rng)) is not None:
+            choice = (
+                rng.choice(["a", "b", "tie", "both_bad"])
+                if rater is spammer
+                else truth[slot.comparison_id]
+            )
+            judgment_submit(rater=rater, campaign=campaign, slot_id=slot.pk, choice=choice)
+    return campaign
+
+
+def test_full_and_trl_lines_carry_the_raters_weight_lower_for_a_spammer(db, client):
+    campaign = spammed_campaign()
+    _, admin = with_admin(campaign)
+    client.force_login(admin)
+
+    full = stream_lines(client.get(export_url(campaign, format="full")))
+
+    assert len(full) == 90
+    by_rater: dict[str, set[float]] = {}
+    for line in full:
+        by_rater.setdefault(line["rater"], set()).add(line["weight"])
+    # One weight per rater (computed once per export), rounded to 4 places, in [0, 1].
+    assert all(len(weights) == 1 for weights in by_rater.values())
+    weight = {name: weights.pop() for name, weights in by_rater.items()}
+    assert all(0.0 <= w <= 1.0 and round(w, 4) == w for w in weight.values())
+    assert weight["spammer"] < 0.2 < 0.6 < min(weight["careful-a"], weight["careful-b"])
+
+    trl = stream_lines(client.get(export_url(campaign, format="trl")))
+    assert {line["weight"] for line in trl} <= set(weight.values())
+    assert all(
+        "weight" not in line
+        for line in stream_lines(client.get(export_url(campaign, format="text")))
+    )
+
+
+def test_api_export_carries_the_same_weights_as_the_page_export(db, client):
+    from rest_framework.test import APIClient
+
+    campaign = spammed_campaign()
+    _, admin = with_admin(campaign)
+    client.force_login(admin)
+    page = stream_lines(client.get(export_url(campaign, format="full")))
+    api = APIClient()
+    api.force_authenticate(admin)
+    response = api.get(f"/api/campaigns/{campaign.slug}/export/?format=full")
+    lines = [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
+    assert [(x["judgment_id"], x["weight"]) for x in lines] == [
+        (x["judgment_id"], x["weight"]) for x in page
+    ]
+
+
+def test_weights_are_computed_before_the_stream_and_do_not_add_queries_per_line(
+    small, client, django_assert_max_num_queries
+):
+    campaign, admin = small
+    client.force_login(admin)
+    response = client.get(export_url(campaign, format="trl"))
+    # The cutoff, one page and the empty page: the weights were read before streaming.
+    with django_assert_max_num_queries(3):
+        lines = stream_lines(response)
+    assert lines
+    assert all("weight" in line for line in lines)

@@ -99,6 +99,8 @@ ROUTES: dict[str, Access | dict[str, Access]] = {
     "annotation:campaign_import": ADMIN,
     "annotation:campaign_build": ADMIN,
     "annotation:campaign_export": ADMIN_OR_ML,
+    "annotation:campaign_quality": ADMIN,
+    "annotation:campaign_gold": ADMIN,
     # REST API
     "annotation:api-token": {"POST": PUBLIC, "*": SIGNED_IN},
     "annotation:api-campaigns": {"POST": CAN_CREATE_CAMPAIGNS, "*": SIGNED_IN},
@@ -106,11 +108,14 @@ ROUTES: dict[str, Access | dict[str, Access]] = {
     "annotation:api-members": ADMIN,
     "annotation:api-campaign-import": ADMIN,
     "annotation:api-comparisons-build": ADMIN,
+    "annotation:api-gold": ADMIN,
+    "annotation:api-comparison-gold": ADMIN,
     "annotation:api-next": RATER,
     "annotation:api-judgments": RATER,
     "annotation:api-slot-release": OWNED_BY_ANOTHER,
     "annotation:api-progress": ADMIN_OR_ML,
     "annotation:api-export": ADMIN_OR_ML,
+    "annotation:api-quality": ADMIN,
 }
 
 # Routes that end the session: the matrix signs the caller in again after each call.
@@ -141,6 +146,7 @@ class Targets:
 PATH_VALUES: dict[str, Callable[[Targets], object]] = {
     "slug": lambda t: t.world.campaign.slug,
     "slot_id": lambda t: t.bystander_slot.pk,
+    "comparison_id": lambda t: t.bystander_slot.comparison_id,
     # Django admin
     "object_id": lambda t: t.world.rater.pk,
     "id": lambda t: t.world.rater.pk,

@@ -642,7 +642,7 @@ def _explain(query: tuple[str, list]) -> str:
 
 @pytest.mark.postgres
 def test_postgres_leasing_walks_the_partial_indexes_without_sorting():
-    """With a few thousand slots (and another campaign beside it), both candidate queries are
+    """With a few thousand slots (and another campaign beside it), the three candidate queries are
     index scans on the partial queue indexes, read in index order: no Sort node, no
     sequential scan of the slot table."""
     from annotation.models import Completion, Prompt, Source
@@ -666,8 +666,14 @@ def test_postgres_leasing_walks_the_partial_indexes_without_sorting():
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE annotation_slot")
 
-    expired, open_slots = lease_queries(rater=raters[0], campaign=campaign, now=timezone.now())
-    plans = {"slot_queue_leased": _explain(expired), "slot_queue_open": _explain(open_slots)}
+    expired, open_slots, gold = lease_queries(
+        rater=raters[0], campaign=campaign, now=timezone.now()
+    )
+    plans = {
+        "slot_queue_leased": _explain(expired),
+        "slot_queue_open": _explain(open_slots),
+        "slot_queue_gold": _explain(gold),
+    }
 
     for index, plan in plans.items():
         assert f"Index Scan using {index}" in plan, plan
