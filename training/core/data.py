@@ -11,8 +11,10 @@ Accepted preference line formats (one JSON object per line):
   with ``choice`` in a / b / tie / both_bad. A tie becomes a pair with label 0.5; both_bad says
   nothing about the order and is skipped.
 
-Optional ``margin`` and ``weight`` numbers ride along. A bad line raises ``DataError`` naming
-the file, the line number and the field; nothing is half-read.
+Optional ``margin`` and ``weight`` numbers ride along. ``weight`` (default 1, finite and not
+negative) is how much the line counts in the loss, for instance the Dawid-Skene reliability of
+the rater who made the judgment; 0 keeps the line but makes it count for nothing. A bad line
+raises ``DataError`` naming the file, the line number and the field; nothing is half-read.
 """
 
 from __future__ import annotations
@@ -171,6 +173,13 @@ def _number(row: dict[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
+def _weight(row: dict[str, Any]) -> float:
+    weight = _number(row, "weight", 1.0)
+    if weight < 0:
+        raise _LineError("weight", f"must not be negative, got {weight!r}")
+    return weight
+
+
 def _implicit_prompt(row: dict[str, Any]) -> tuple[Messages, str, str]:
     """TRL's implicit-prompt preference rows: the prompt is what both sides share."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
@@ -193,9 +202,7 @@ def _implicit_prompt(row: dict[str, Any]) -> tuple[Messages, str, str]:
 
 
 def _preference(row: dict[str, Any]) -> PreferencePair | None:
-    margin, weight = _number(row, "margin", 0.0), _number(row, "weight", 1.0)
-    if weight < 0:
-        raise _LineError("weight", "must not be negative")
+    margin, weight = _number(row, "margin", 0.0), _weight(row)
     if "choice" in row:
         choice = row["choice"]
         if choice not in CHOICES:
@@ -293,7 +300,7 @@ def read_unpaired_jsonl(path: str | Path) -> list[UnpairedExample]:
                 flag = row.get(key)
                 if not isinstance(flag, bool):
                     raise _LineError(key, "expected true or false")
-                weight = _number(row, "weight", 1.0)
+                weight = _weight(row)
                 out.append(
                     UnpairedExample(_prompt(row), _completion(row, "completion"), flag, weight)
                 )

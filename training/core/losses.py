@@ -21,7 +21,7 @@ import torch.nn.functional as F
 #   P_lapse       = (1 - eps) * sigmoid(d - m) + eps / 2   eps: rater "lapse" rate (Christiano 2017)
 #   loss          = -[y log P + (1 - y) log(1 - P)]        y: P(chosen better); 0.5 for a tie
 # Rewards may carry a trailing ensemble dimension K: (B, K); per-pair tensors (B,) broadcast
-# over it and the loss averages over pairs and heads.
+# over it and the loss is the weighted mean over pairs and heads, sum(w * loss) / sum(w).
 
 
 def preference_log_probs(
@@ -52,18 +52,29 @@ def bradley_terry_loss(
     margin: torch.Tensor | None = None,
     label: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    weight_sum: float | torch.Tensor | None = None,
     lapse: float = 0.0,
     center_rewards_coefficient: float = 0.0,
 ) -> torch.Tensor:
-    """Mean Bradley-Terry negative log-likelihood of the rater labels; a scalar.
+    """Weighted mean Bradley-Terry negative log-likelihood of the rater labels; a scalar.
 
     ``chosen_rewards``/``rejected_rewards``: (B,) or (B, K) for K ensemble heads.
     ``margin``, ``label`` (probability that chosen is better, default 1), ``weight``: (B,), or
-    (B, K) for per-head bootstrap weights. The weighted losses are averaged with ``mean(w * l)``
-    rather than ``sum(w * l) / sum(w)`` so that data-parallel ranks average to exactly the
-    single-process value. ``center_rewards_coefficient`` adds ``c * mean((r_c + r_r)^2)``
-    (Eisenstein et al. 2023, arXiv 2312.09244; TRL's ``center_rewards_coefficient``), which
-    pins the otherwise free offset of the rewards near zero.
+    (B, K) for per-head bootstrap weights; no weight means every weight is 1.
+
+    The loss is ``sum(w * l) / sum(w)`` over every (pair, head) term. Dividing by the weight
+    sum rather than the count makes only the weights' ratios matter: Dawid-Skene weights
+    (``annotation.quality.judgment_weight``) lie in [0, 1], and ``mean(w * l)`` would also
+    shrink the step size by the mean weight, so a weighted run would differ from an unweighted
+    one at the same learning rate by more than which pairs it trusts. ``weight_sum`` replaces
+    the denominator: a trainer that splits one optimiser step over micro-batches or processes
+    passes the whole step's sum, so the step's gradient is the weighted mean over all its
+    pairs however they were split. When every weight is 0 the numerator is 0 too and the loss
+    is 0 with a zero gradient, never 0/0 = NaN.
+
+    ``center_rewards_coefficient`` adds ``c * mean((r_c + r_r)^2)`` (Eisenstein et al. 2023,
+    arXiv 2312.09244; TRL's ``center_rewards_coefficient``), an unweighted mean over the pairs
+    given, which pins the otherwise free offset of the rewards near zero.
     """
     log_win, log_loss = preference_log_probs(
         chosen_rewards, rejected_rewards, margin=margin, lapse=lapse
@@ -77,9 +88,11 @@ def bradley_terry_loss(
     else:
         y = per_head(label.to(log_win.dtype))
         losses = -(y * log_win + (1 - y) * log_loss)
-    if weight is not None:
-        losses = losses * per_head(weight.to(losses.dtype))
-    loss = losses.mean()
+    w = torch.ones_like(losses) if weight is None else per_head(weight.to(losses.dtype))
+    w = w.expand_as(losses)
+    total = w.sum() if weight_sum is None else torch.as_tensor(weight_sum, dtype=losses.dtype)
+    # All weights 0: the numerator is exactly 0, so any positive floor gives 0, not NaN.
+    loss = (w * losses).sum() / total.to(losses.device).clamp_min(torch.finfo(losses.dtype).tiny)
     if center_rewards_coefficient:
         loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
     return loss

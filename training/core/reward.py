@@ -4,8 +4,11 @@ The reward of a prompt + completion is a scalar head read at the last non-pad to
 sequence (checklist item 7), on top of the policy's own backbone; a fresh head starts from
 N(0, 1/sqrt(d_model + 1)) (item 8). Each step maximises the BT likelihood of the rater labels
 (``losses.bradley_terry_loss``): ties are a 0.5 target, a margin shifts the logit, per-pair
-weights scale the terms, and an optional lapse rate ``eps`` says a rater answers at random a
-fraction ``eps`` of the time, so no single label can push the reward difference to infinity.
+weights make the loss a weighted mean ``sum(w * loss) / sum(w)`` over the step's pairs (a
+Dawid-Skene reliability weight per judgment; ``use_weights=False`` ignores them), and an
+optional lapse rate ``eps`` says a rater answers at random a fraction ``eps`` of the time, so
+no single label can push the reward difference to infinity. A step whose pairs all weigh 0
+has loss 0 and a zero gradient (AdamW's momentum still moves the weights a little).
 
 Options:
 
@@ -86,6 +89,11 @@ class RewardConfig(CommonConfig):
     )
     center_rewards_coefficient: float = opt(
         0.0, "Weight of mean((r_c + r_r)^2), keeping rewards centred (TRL's; 0.01 is typical)."
+    )
+    use_weights: bool = opt(
+        True,
+        "Scale each pair's loss by its JSONL weight (e.g. a Dawid-Skene rater weight); "
+        "--no-use-weights trains unweighted on the same file.",
     )
     ensemble_size: int = opt(1, "Reward heads on one backbone; their spread is the uncertainty.")
     bootstrap: bool = opt(True, "With several heads, give each Poisson(1) bootstrap weights.")
@@ -309,6 +317,15 @@ def train_reward_model(
     if heads > 1 and config.bootstrap:
         g = torch.Generator().manual_seed(config.seed + 7)
         boot = torch.poisson(torch.ones(len(pairs), heads), generator=g)  # (N, K)
+    # Every (pair, head) term's weight: the pair's data weight times its bootstrap count.
+    pair_weight = torch.tensor([p.weight if config.use_weights else 1.0 for p in pairs])  # (N,)
+    term_weight = pair_weight[:, None] * (boot if boot is not None else torch.ones(1, heads))
+
+    def step_weight_sum(step: int) -> float:
+        """Sum of the weights of this step's whole global batch, every rank's slice: the
+        sampler is a pure function of the step, so each rank works it out without talking."""
+        rows = [i for r in range(rt.world_size) for i in sampler.indices(step, r)]
+        return float(term_weight[rows].sum())
 
     # Tokenised once here, not again in every step (TRL tokenises its dataset up front too).
     encoded = encode_pairs(
@@ -327,30 +344,34 @@ def train_reward_model(
         for step in range(start, steps):
             t0 = time.monotonic()
             indices = sampler.indices(step, rt.rank)
+            # Each micro-batch divides by the whole step's weight sum, so the step's gradient is
+            # sum(w * loss) / sum(w) over the global batch however it is split; DDP then
+            # averages the ranks' gradients, which the factor world_size undoes.
+            weight_sum = step_weight_sum(step) / rt.world_size
             stats = torch.zeros(3, device=rt.device)  # loss, accuracy, margin
             for chunk in micro_batches(indices, config.grad_accum):
                 batch = collate_encoded_pairs([encoded[i] for i in chunk], pad_id).to(rt.device)
                 b = len(chunk)
+                share = b / len(indices)
                 logits = head_logits(model, batch.input_ids, batch.attention_mask)  # (2b, K)
                 chosen, rejected = logits[:b], logits[b:]  # (b, K)
-                weight = batch.weight[:, None].expand(b, heads)
-                if boot is not None:
-                    weight = weight * boot[chunk].to(rt.device)
+                # Already this micro-batch's part of the step's loss: no ``* share``, except
+                # for the centring term, a plain mean over the micro-batch's pairs.
                 loss = bradley_terry_loss(
                     chosen,
                     rejected,
                     margin=batch.margin,
                     label=batch.label,
-                    weight=weight,
+                    weight=term_weight[chunk].to(rt.device),  # (b, K)
+                    weight_sum=weight_sum,
                     lapse=config.lapse,
-                    center_rewards_coefficient=config.center_rewards_coefficient,
+                    center_rewards_coefficient=config.center_rewards_coefficient * share,
                 )
-                share = b / len(indices)
-                rt.accelerator.backward(loss * share)
+                rt.accelerator.backward(loss)
                 with torch.no_grad():
                     d = (chosen - rejected).mean(-1)
                     right = ((d > 0) == (batch.label > 0.5)).float().mean()
-                    stats += torch.stack([loss.detach(), right, d.mean()]) * share
+                    stats += torch.stack([loss.detach(), right * share, d.mean() * share])
             grad_norm = clip_and_step(rt, model, optimizer, scheduler, config.max_grad_norm)
             done = step + 1
             stats = rt.accelerator.reduce(stats, reduction="mean")

@@ -99,6 +99,14 @@ def test_implicit_conversational_pairs_share_the_prompt(tmp_path: Path) -> None:
         ({"prompt": "Hi", "chosen": "a"}, "rejected"),
         ({"prompt": "Hi", "chosen": "a", "rejected": "b", "weight": "heavy"}, "weight"),
         ({"prompt": "Hi", "chosen": "a", "rejected": "b", "margin": float("nan")}, "margin"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": "b", "weight": float("nan")}, "weight"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": "b", "weight": float("inf")}, "weight"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": "b", "weight": -0.5}, "weight"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": "b", "weight": True}, "weight"),
+        (
+            {"prompt": "Hi", "completion_a": "a", "completion_b": "b", "choice": "a", "weight": -1},
+            "weight",
+        ),
         (
             {"prompt": [{"role": "user", "content": 3}], "chosen": "a", "rejected": "b"},
             "prompt[0].content",
@@ -116,6 +124,31 @@ def test_bad_line_names_file_line_and_field(tmp_path: Path, line: Any, field: st
     assert (info.value.line, info.value.field) == (2, field)
     assert "bad.jsonl, line 2" in str(info.value)
     assert repr(field) in str(info.value)
+
+
+def test_weight_defaults_to_one_and_zero_is_kept(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "w.jsonl",
+        [
+            {"prompt": "Hi?", "chosen": "a", "rejected": "b"},
+            {"prompt": "Hi?", "chosen": "a", "rejected": "b", "weight": None},
+            {"prompt": "Hi?", "chosen": "a", "rejected": "b", "weight": 0},
+            {
+                "prompt": USER,
+                "completion_a": "A",
+                "completion_b": "B",
+                "choice": "b",
+                "weight": 0.25,
+            },
+        ],
+    )
+    assert [p.weight for p in read_preference_jsonl(path)] == [1.0, 1.0, 0.0, 0.25]
+    bad = write_lines(
+        tmp_path / "u.jsonl",
+        [{"prompt": "Hi?", "completion": "a", "label": True, "weight": -2}],
+    )
+    with pytest.raises(DataError, match=r"u.jsonl, line 1, field 'weight': must not be negative"):
+        read_unpaired_jsonl(bad)
 
 
 def test_prompt_sft_and_unpaired_readers(tmp_path: Path) -> None:

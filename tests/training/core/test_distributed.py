@@ -1,8 +1,9 @@
 """The same reward trainer under torchrun with two CPU processes (gloo) and in one process.
 
 Two processes with 4 pairs each see the same global batch of 8 as one process with 8 pairs
-(``StepSampler`` slices one global batch per step), and DDP averages their gradients, so the
-runs must agree up to float reduction order.
+(``StepSampler`` slices one global batch per step), each divides its weighted loss by the whole
+step's weight sum, and DDP averages their gradients, so the runs must agree up to float
+reduction order.
 """
 
 from __future__ import annotations
@@ -56,8 +57,15 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, tiny_model_dir: Pa
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
         pytest.skip("torchrun not installed next to this python")
+    # Unequal weights: each rank's slice of a step weighs differently, and both ranks must
+    # still divide by the whole step's weight sum to match one process.
     rows = [
-        {"prompt": f"Question {i}?", "chosen": f"a blue answer {i}", "rejected": f"an answer {i}"}
+        {
+            "prompt": f"Question {i}?",
+            "chosen": f"a blue answer {i}",
+            "rejected": f"an answer {i}",
+            "weight": (i % 4) * 0.5,
+        }
         for i in range(40)
     ]
     data = tmp_path / "pairs.jsonl"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from training.core.data import PreferencePair
-from training.core.modeling import load_reward_model, load_tokenizer
+from training.core.modeling import load_reward_model, load_tokenizer, set_seed
 from training.core.reward import (
     RewardConfig,
     preference_metrics,
@@ -134,6 +134,105 @@ def test_ensemble_reports_disagreement_and_ties_lapse_margin_train(
     assert len(result.pair_rows) == 20
     assert all(r["disagreement"] >= 0 for r in result.pair_rows)
     assert load_reward_model(tmp_path / "rm", device="cpu").config.reward_heads == 3
+
+
+def flipped(pair: PreferencePair, weight: float) -> PreferencePair:
+    return PreferencePair(pair.prompt, pair.rejected, pair.chosen, weight=weight)
+
+
+def train_weights(
+    cfg: RewardConfig, model_dir: Path, pairs: list[PreferencePair]
+) -> dict[str, torch.Tensor]:
+    """The trained parameters, from a head drawn from the same seed every time."""
+    set_seed(0)
+    model = load_reward_model(model_dir, device="cpu")
+    train_reward_model(cfg, pairs, model, load_tokenizer(model_dir))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_weighted_training_ignores_zero_weight_labels_and_no_use_weights_does_not(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Half the labels are flipped and weigh 0: weighted training learns the gold rule from
+    the other half; ``use_weights=False`` on the same pairs sees a coin flip."""
+    train, held_out = gold_pairs(240, seed=1), gold_pairs(60, seed=2)
+    noisy = [flipped(p, 0.0) if i % 2 else p for i, p in enumerate(train)]
+    tokenizer = load_tokenizer(tiny_model_dir)
+    accuracy = {}
+    for use in (True, False):
+        cfg = config(tmp_path / str(use), tiny_model_dir, use_weights=use, num_epochs=4)
+        model = load_reward_model(tiny_model_dir, device="cpu")
+        result = train_reward_model(cfg, noisy, model, tokenizer, eval_pairs=held_out)
+        accuracy[use] = result.metrics["eval_accuracy"]
+    assert accuracy[True] >= 0.9, accuracy
+    assert accuracy[False] <= 0.75, accuracy
+
+
+def test_zero_weight_pairs_leave_no_trace_in_the_weights(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Replacing every zero-weight pair by another pair changes nothing: same batches, same
+    gradients, same parameters (up to the rounding of padding to another width; a pair that
+    counted would move them by about the learning rate, 3e-3)."""
+    base = gold_pairs(32, seed=6)
+    other = gold_pairs(32, seed=7)
+    weights = [0.0 if i % 3 == 0 else 0.5 + i / 32 for i in range(32)]
+    one = [
+        PreferencePair(p.prompt, p.chosen, p.rejected, weight=w)
+        for p, w in zip(base, weights, strict=True)
+    ]
+    two = [
+        PreferencePair(o.prompt, o.rejected, o.chosen, weight=0.0) if w == 0 else p
+        for p, o, w in zip(one, other, weights, strict=True)
+    ]
+    cfg = config(tmp_path / "a", tiny_model_dir, max_steps=4, batch_size=8, normalize=False)
+    first = train_weights(cfg, tiny_model_dir, one)
+    cfg = config(tmp_path / "b", tiny_model_dir, max_steps=4, batch_size=8, normalize=False)
+    second = train_weights(cfg, tiny_model_dir, two)
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_step_is_the_same_however_it_is_split_into_micro_batches(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """grad_accum 1 and 3 give one gradient per step, sum(w * loss) / sum(w) over the step's
+    pairs: each micro-batch divides by the whole step's weight sum, not its own."""
+    pairs = [
+        PreferencePair(p.prompt, p.chosen, p.rejected, weight=(i % 4) * 0.5)
+        for i, p in enumerate(gold_pairs(24, seed=8))
+    ]
+    runs = []
+    for accum in (1, 3):
+        cfg = config(
+            tmp_path / str(accum),
+            tiny_model_dir,
+            max_steps=3,
+            batch_size=8,
+            grad_accum=accum,
+            normalize=False,
+        )
+        runs.append(train_weights(cfg, tiny_model_dir, pairs))
+    for name, value in runs[0].items():
+        # one forward pass per micro-batch pads to another width: equal up to rounding
+        torch.testing.assert_close(runs[1][name], value, rtol=1e-4, atol=1e-5)
+    lines = [read_metrics(tmp_path / str(a) / "rm" / "metrics.jsonl") for a in (1, 3)]
+    assert lines[0][0]["loss"] == pytest.approx(lines[1][0]["loss"], abs=1e-6)
+
+
+def test_use_weights_false_equals_a_file_without_weights(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    pairs = gold_pairs(16, seed=9)
+    weighted = [
+        PreferencePair(p.prompt, p.chosen, p.rejected, weight=i / 4) for i, p in enumerate(pairs)
+    ]
+    cfg = config(tmp_path / "a", tiny_model_dir, max_steps=2, batch_size=8, use_weights=False)
+    ignored = train_weights(cfg, tiny_model_dir, weighted)
+    cfg = config(tmp_path / "b", tiny_model_dir, max_steps=2, batch_size=8)
+    plain = train_weights(cfg, tiny_model_dir, pairs)
+    for name, value in plain.items():
+        torch.testing.assert_close(ignored[name], value, rtol=0, atol=0)
 
 
 def test_lora_reward_model_exports_a_plain_model(tmp_path: Path, tiny_model_dir: Path) -> None:
