@@ -29,6 +29,9 @@ from annotation.models import (
     Judgment,
     Membership,
     Prompt,
+    Ranking,
+    RankingSlot,
+    RankingTask,
     Slot,
     Source,
 )
@@ -350,3 +353,53 @@ class JudgmentAdmin(ReadOnlyAdmin):
     search_fields = ("rater__username", "idempotency_key", "campaign__slug")
     list_select_related = ("campaign", "comparison", "rater")
     raw_id_fields = ("campaign", "comparison", "slot", "rater")
+
+
+# -- K-wise ranking -----------------------------------------------------------------------------
+
+
+@admin.register(RankingTask)
+class RankingTaskAdmin(ReadOnlyAdmin):
+    list_display = ("id", "campaign", "prompt", "key", "judgments_wanted", "priority", "created_at")
+    search_fields = ("campaign__slug", "key")
+    list_select_related = ("campaign", "prompt")
+    raw_id_fields = ("campaign", "prompt")
+
+
+@admin.register(RankingSlot)
+class RankingSlotAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "campaign",
+        "task",
+        "index",
+        "status",
+        "rater",
+        "lease_expires_at",
+        "shown_order",
+        "filled_at",
+    )
+    list_filter = ("status",)
+    search_fields = ("rater__username", "campaign__slug")
+    list_select_related = ("campaign", "task", "rater")
+    raw_id_fields = ("campaign", "task", "rater")
+
+
+@admin.register(Ranking)
+class RankingAdmin(ReadOnlyAdmin):
+    """Append-only: viewable, never added, changed or deleted here."""
+
+    list_display = (
+        "id",
+        "campaign",
+        "task",
+        "rater",
+        "order",
+        "shown_order",
+        "decision_ms",
+        "guidelines_version",
+        "created_at",
+    )
+    search_fields = ("rater__username", "idempotency_key", "campaign__slug")
+    list_select_related = ("campaign", "task", "rater")
+    raw_id_fields = ("campaign", "task", "slot", "rater")

@@ -13,6 +13,11 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("campaigns/<slug:slug>/status/", campaigns.campaign_status, name="campaign_status"),
     path("campaigns/<slug:slug>/import/", campaigns.campaign_import, name="campaign_import"),
     path("campaigns/<slug:slug>/build/", campaigns.campaign_build, name="campaign_build"),
+    path(
+        "campaigns/<slug:slug>/build/rankings/",
+        campaigns.campaign_rank_build,
+        name="campaign_rank_build",
+    ),
     path("campaigns/<slug:slug>/gold/", gold.campaign_gold, name="campaign_gold"),
     path("campaigns/<slug:slug>/export.jsonl", campaigns.campaign_export, name="campaign_export"),
     path("campaigns/<slug:slug>/quality/", quality.campaign_quality, name="campaign_quality"),

@@ -47,9 +47,9 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from annotation import formats, permissions, reports, selectors
+from annotation import formats, permissions, reports, selectors, selectors_rankings
 from annotation.exceptions import AnnotationError, ImportRejected, InvalidJudgment
-from annotation.formats.export import WEIGHTED_FORMATS
+from annotation.formats.export import RANKING_FORMATS, WEIGHTED_FORMATS
 from annotation.models import Campaign, CampaignStatus, CritiqueMode, Judgment, Role, Split
 from annotation.services import campaigns as campaign_services
 from annotation.services import imports as import_services
@@ -976,7 +976,9 @@ class JudgmentExportApi(BaseApi):
     ``?format=trl``: TRL's conversational ``prompt`` / ``chosen`` / ``rejected`` with
     ``margin`` from strength (ties and both-bad are left out); ``?format=text``: the same with
     plain strings (HH dialogue prompt); ``?format=full``: every judgment with its choice,
-    aspects, rater, critique shown and timings. ``?split=train|eval`` narrows it.
+    aspects, rater, critique shown and timings; ``?format=rankings``: each K-wise ranking as
+    its K(K-1)/2 pairs, with ``group`` (the ranking) and ``rank_chosen`` / ``rank_rejected``.
+    ``?split=train|eval`` narrows it.
     Memory stays flat: rows are read in keyset-paginated chunks and written as they come.
     """
 
@@ -1003,9 +1005,13 @@ class JudgmentExportApi(BaseApi):
         weights = (
             reports.judgment_weights(campaign=self.campaign) if fmt in WEIGHTED_FORMATS else None
         )
-        judgments = selectors.judgments_for_export(
-            campaign=self.campaign, split=query.validated_data.get("split")
-        )
+        split = query.validated_data.get("split")
+        if fmt in RANKING_FORMATS:
+            judgments: Any = selectors_rankings.rankings_for_export(
+                campaign=self.campaign, split=split
+            )
+        else:
+            judgments = selectors.judgments_for_export(campaign=self.campaign, split=split)
         # A generator: rows are read and written while the response is being sent.
         chunks = formats.export_chunks(judgments, fmt=fmt, weights=weights)
         response = StreamingHttpResponse(chunks, content_type="application/x-ndjson")

@@ -2,7 +2,7 @@
 
 from django.urls import URLPattern, URLResolver, path
 
-from annotation import api, api_gold, api_quality
+from annotation import api, api_gold, api_quality, api_rankings
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("auth/token/", api.AuthTokenApi.as_view(), name="api-token"),
@@ -29,6 +29,21 @@ urlpatterns: list[URLPattern | URLResolver] = [
         "campaigns/<slug:slug>/slots/<int:slot_id>/release/",
         api.SlotReleaseApi.as_view(),
         name="api-slot-release",
+    ),
+    path(
+        "campaigns/<slug:slug>/rank/next/",
+        api_rankings.RankingLeaseApi.as_view(),
+        name="api-rank-next",
+    ),
+    path(
+        "campaigns/<slug:slug>/rankings/",
+        api_rankings.RankingSubmitApi.as_view(),
+        name="api-rankings",
+    ),
+    path(
+        "campaigns/<slug:slug>/ranking-tasks/build/",
+        api_rankings.RankingTasksBuildApi.as_view(),
+        name="api-ranking-tasks-build",
     ),
     path("campaigns/<slug:slug>/progress/", api.CampaignProgressApi.as_view(), name="api-progress"),
     path("campaigns/<slug:slug>/export/", api.JudgmentExportApi.as_view(), name="api-export"),

@@ -222,3 +222,14 @@ class GoldGenerateForm(forms.Form):
         help_text="The model whose answers are good enough to be the right answer; empty: any.",
     )
     seed = forms.IntegerField(required=False, help_text="For a reproducible draw.")
+
+
+class RankingBuildForm(forms.Form):
+    k = forms.IntegerField(
+        min_value=3,
+        max_value=9,
+        initial=4,
+        label="Outputs per ranking task (k)",
+        help_text="One task of k randomly chosen candidates for each prompt with at least k.",
+    )
+    seed = forms.IntegerField(required=False, help_text="For a reproducible draw.")

@@ -427,3 +427,135 @@ class RaterScreening(models.Model):
 
     def __str__(self) -> str:
         return f"{self.rater} {self.status} screening of {self.campaign}"
+
+
+# -- K-wise ranking (InstructGPT): K = 3..9 outputs of one prompt, ranked best to worst ---------
+
+
+class RankingTask(models.Model):
+    """K completions of one prompt to be ranked. ``completions`` holds their ids in ascending
+    order (the service stores them so) and ``key`` the same ids joined by ",", so one set of
+    completions is one task per campaign whatever order it was given in. Which completions
+    answer which prompt is checked by the service: a JSON list has no foreign keys."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="ranking_tasks")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="ranking_tasks")
+    completions = models.JSONField(help_text="Completion ids, ascending (3 to 9).")
+    key = models.CharField(max_length=200)
+    priority = models.FloatField(default=0.0, help_text="Higher is served first.")
+    judgments_wanted = models.PositiveSmallIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["campaign", "prompt", "key"], name="ranking_task_unique_set"
+            ),
+            models.CheckConstraint(
+                condition=Q(judgments_wanted__gte=1) & Q(judgments_wanted__lte=50),
+                name="ranking_task_wanted_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Ranking task {self.pk}"
+
+
+class RankingSlot(models.Model):
+    """One wanted ranking of a task; leased and filled like ``Slot`` (same guarantees, same
+    style of constraints). ``shown_order`` is the order the outputs were shown in (completion
+    ids, position 1 first), drawn at random for each lease and copied onto the ranking, so
+    position bias can be measured."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="ranking_slots")
+    task = models.ForeignKey(RankingTask, on_delete=models.CASCADE, related_name="slots")
+    index = models.PositiveSmallIntegerField()
+    # Copied from the task so the queue is one index scan on this table.
+    priority = models.FloatField(default=0.0)
+    status = models.CharField(max_length=8, choices=SlotStatus.choices, default=SlotStatus.OPEN)
+    rater = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    leased_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    shown_order = models.JSONField(default=list, blank=True)
+    filled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task", "index"], name="ranking_slot_unique_index"),
+            models.UniqueConstraint(
+                fields=["task", "rater"],
+                condition=Q(rater__isnull=False),
+                name="ranking_slot_one_per_rater_per_task",
+            ),
+            models.UniqueConstraint(
+                fields=["campaign", "rater"],
+                condition=Q(status="leased"),
+                name="ranking_slot_one_lease_per_rater",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    Q(status=SlotStatus.OPEN, rater__isnull=True)
+                    | Q(
+                        status=SlotStatus.LEASED,
+                        rater__isnull=False,
+                        lease_expires_at__isnull=False,
+                    )
+                    | Q(status=SlotStatus.FILLED, rater__isnull=False)
+                ),
+                name="ranking_slot_status_consistent",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["campaign", "-priority", "id"],
+                condition=Q(status="open"),
+                name="ranking_slot_queue_open",
+            ),
+            models.Index(
+                fields=["campaign", "lease_expires_at"],
+                condition=Q(status="leased"),
+                name="ranking_slot_queue_leased",
+            ),
+            models.Index(fields=["rater", "status"], name="ranking_slot_rater_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Ranking slot {self.pk} ({self.status})"
+
+
+class Ranking(models.Model):
+    """A rater's ranking of a task's outputs: ``order`` holds completion ids, best first, a
+    total order (ties are not supported). Append-only like ``Judgment`` (a trigger enforces it
+    on PostgreSQL)."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="rankings")
+    task = models.ForeignKey(RankingTask, on_delete=models.CASCADE, related_name="rankings")
+    slot = models.OneToOneField(RankingSlot, on_delete=models.CASCADE, related_name="ranking")
+    rater = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="rankings"
+    )
+    order = models.JSONField(help_text="Completion ids, best first.")
+    shown_order = models.JSONField(help_text="Completion ids in the order shown (position 1..K).")
+    decision_ms = models.PositiveIntegerField(null=True, blank=True)
+    guidelines_version = models.PositiveIntegerField()
+    # NULL, not "", means "no key": the partial unique index only covers real keys.
+    idempotency_key = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task", "rater"], name="ranking_one_per_rater_per_task"
+            ),
+            models.UniqueConstraint(
+                fields=["rater", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="ranking_idempotency_key_unique",
+            ),
+        ]
+        indexes = [models.Index(fields=["campaign", "id"], name="ranking_campaign_id")]
+
+    def __str__(self) -> str:
+        return f"Ranking {self.pk}"

@@ -6,13 +6,15 @@ because Django's ``LOGIN_URL = "login"`` and ``LOGOUT_REDIRECT_URL`` name them u
 
 from django.urls import URLPattern, URLResolver, path
 
-from annotation.views import auth, rater
+from annotation.views import auth, ranking, rater
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("", rater.home, name="home"),
     path("rate/<slug:slug>/", rater.rate, name="rate"),
     path("rate/<slug:slug>/submit/", rater.rate_submit, name="rate_submit"),
     path("rate/<slug:slug>/skip/", rater.rate_skip, name="rate_skip"),
+    path("rate/<slug:slug>/rank/", ranking.rank, name="rank"),
+    path("rate/<slug:slug>/rank/submit/", ranking.rank_submit, name="rank_submit"),
 ]
 
 auth_urlpatterns: list[URLPattern | URLResolver] = [

@@ -3,11 +3,15 @@ for the formats and the strength -> margin mapping."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-EXPORT_FORMATS = ("trl", "text", "full")
+EXPORT_FORMATS = ("trl", "text", "full", "rankings")
+# Formats read from rankings (``selectors_rankings.rankings_for_export``), not judgments.
+RANKING_FORMATS = ("rankings",)
 # The formats whose lines carry the rater's ``weight`` when the export is given weights.
 WEIGHTED_FORMATS = ("trl", "full")
 WEIGHT_DIGITS = 4
@@ -112,6 +116,31 @@ def full_record(judgment: Any, *, weight: float | None = None) -> dict[str, Any]
 _RECORDS = {"trl": trl_record, "text": text_record, "full": full_record}
 
 
+def ranking_records(ranking: Any, texts: Mapping[int, str]) -> Iterator[dict[str, Any]]:
+    """A K-wise ranking as its K(K-1)/2 TRL conversational preference pairs, best first:
+    every output beats every output ranked below it. All pairs of one ranking share
+    ``group`` (the ranking's id), so training can put them in one batch and weight each
+    ranking once, as InstructGPT did; ``rank_chosen`` / ``rank_rejected`` are 1-based ranks.
+    ``texts`` maps completion ids to their text. ``weight`` is 1 / (K(K-1)/2): with the
+    reward trainer's weighted mean, each ranking then counts as much as one comparison however
+    many pairs it expands into (InstructGPT's fix for rankings overfitting when their pairs
+    were treated as independent)."""
+    order = ranking.order
+    messages = ranking.task.prompt.messages
+    group = str(ranking.pk)
+    weight = round(1 / math.comb(len(order), 2), 6)
+    for i, j in itertools.combinations(range(len(order)), 2):
+        yield {
+            "prompt": messages,
+            "chosen": [{"role": "assistant", "content": texts[order[i]]}],
+            "rejected": [{"role": "assistant", "content": texts[order[j]]}],
+            "group": group,
+            "rank_chosen": i + 1,
+            "rank_rejected": j + 1,
+            "weight": weight,
+        }
+
+
 def export_line(record: dict[str, Any]) -> bytes:
     line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     # JSON allows these raw inside strings, but Python's str.splitlines() and some JSONL
@@ -128,6 +157,12 @@ def export_lines(
     a ``weight`` on every line of the ``WEIGHTED_FORMATS``; a rater missing from it gets 0,
     what Dawid-Skene gives a rater it has no evidence about. Without ``weights``, no line
     has the field."""
+    if fmt in RANKING_FORMATS:
+        # ``judgments`` are (ranking, completion texts) from ``rankings_for_export``.
+        for ranking, texts in judgments:
+            for pair in ranking_records(ranking, texts):
+                yield export_line(pair)
+        return
     build = _RECORDS[fmt]
     lookup = weights if fmt in WEIGHTED_FORMATS else None
     for judgment in judgments:

@@ -9,6 +9,9 @@ get) with a flash message.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -24,21 +27,23 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.middleware import HtmxDetails
 
-from annotation import formats, permissions, reports, selectors
+from annotation import formats, permissions, reports, selectors, selectors_rankings
 from annotation.exceptions import AnnotationError, ImportRejected
-from annotation.formats.export import WEIGHTED_FORMATS
+from annotation.formats.export import RANKING_FORMATS, WEIGHTED_FORMATS
 from annotation.forms import (
     BuildForm,
     CampaignForm,
     ImportForm,
     MemberAddForm,
     MemberRemoveForm,
+    RankingBuildForm,
     StatusForm,
 )
 from annotation.models import Campaign, CampaignStatus, Role
 from annotation.services import campaigns as campaign_services
 from annotation.services.imports import import_jsonl
 from annotation.services.items import comparisons_build
+from annotation.services.rankings import ranking_tasks_build
 
 ADMIN = (Role.ADMIN,)
 EXPORTERS = (Role.ADMIN, Role.ML_STAFF)
@@ -306,7 +311,7 @@ def campaign_build(request: HttpRequest, slug: str) -> HttpResponse:
     return render(
         request,
         "annotation/campaign_build.html",
-        {"campaign": campaign, "form": form, "tab": "build"},
+        {"campaign": campaign, "form": form, "ranking_form": RankingBuildForm(), "tab": "build"},
         status=400 if form.errors else 200,
     )
 
@@ -314,7 +319,8 @@ def campaign_build(request: HttpRequest, slug: str) -> HttpResponse:
 @require_GET
 @login_required
 def campaign_export(request: HttpRequest, slug: str) -> HttpResponseBase:
-    """Judgments as JSONL, streamed (``?format=trl|text|full&split=train|eval``)."""
+    """Judgments as JSONL, streamed (``?format=trl|text|full|rankings&split=train|eval``);
+    ``rankings``: the K-wise rankings expanded into pairs."""
     campaign = permissions.campaign_for(user=request.user, slug=slug, roles=EXPORTERS)
     fmt = request.GET.get("format", "trl")
     split = request.GET.get("split") or None
@@ -324,7 +330,12 @@ def campaign_export(request: HttpRequest, slug: str) -> HttpResponseBase:
         return HttpResponseBadRequest(f"split must be one of {', '.join(formats.SPLITS)}")
     # Dawid-Skene weights, once per export and before the stream starts (one query).
     weights = reports.judgment_weights(campaign=campaign) if fmt in WEIGHTED_FORMATS else None
-    judgments = selectors.judgments_for_export(campaign=campaign, split=split)
+    if fmt in RANKING_FORMATS:
+        judgments: Iterable[Any] = selectors_rankings.rankings_for_export(
+            campaign=campaign, split=split
+        )
+    else:
+        judgments = selectors.judgments_for_export(campaign=campaign, split=split)
     response = StreamingHttpResponse(
         formats.export_chunks(judgments, fmt=fmt, weights=weights),
         content_type="application/x-ndjson; charset=utf-8",
@@ -334,3 +345,26 @@ def campaign_export(request: HttpRequest, slug: str) -> HttpResponseBase:
     response["Content-Disposition"] = f'attachment; filename="{name}.jsonl"'
     response["Cache-Control"] = "no-store"
     return response
+
+
+@require_POST
+@login_required
+def campaign_rank_build(request: HttpRequest, slug: str) -> HttpResponse:
+    """The build page's second form: ranking tasks of k candidates per prompt."""
+    campaign = _admin_campaign(request, slug)
+    form = RankingBuildForm(request.POST)
+    if form.is_valid():
+        try:
+            created = ranking_tasks_build(
+                campaign=campaign, k=form.cleaned_data["k"], seed=form.cleaned_data["seed"]
+            )
+        except AnnotationError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, f"Built {created} new ranking tasks.")
+            return redirect("annotation:campaign_detail", slug=campaign.slug)
+    else:
+        messages.error(
+            request, "; ".join(str(e) for errors in form.errors.values() for e in errors)
+        )
+    return redirect("annotation:campaign_build", slug=campaign.slug)

@@ -30,7 +30,7 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 from django_htmx.middleware import HtmxDetails
 
-from annotation import permissions, selectors
+from annotation import permissions, selectors, selectors_rankings
 from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost, ScreeningFailed
 from annotation.models import Campaign, Choice, Role, Slot, SlotStatus
 from annotation.services.judgments import (
@@ -96,14 +96,19 @@ def _rater(request: HttpRequest) -> AbstractBaseUser:
 @require_GET
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
+    found = selectors.campaigns_with_roles(user=request.user)
+    ranked = selectors_rankings.campaigns_with_ranking_tasks(
+        campaign_ids=[c.pk for c, roles in found if Role.RATER in roles]
+    )
     rows = [
         {
             "campaign": campaign,
             "roles": [label for value, label in Role.choices if value in roles],
             "can_rate": Role.RATER in roles,
+            "can_rank": Role.RATER in roles and campaign.pk in ranked,
             "is_admin": Role.ADMIN in roles,
         }
-        for campaign, roles in selectors.campaigns_with_roles(user=request.user)
+        for campaign, roles in found
     ]
     runs_campaigns = any(row["is_admin"] for row in rows) or permissions.can_create_campaigns(
         request.user

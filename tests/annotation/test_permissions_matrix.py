@@ -89,6 +89,8 @@ ROUTES: dict[str, Access | dict[str, Access]] = {
     "annotation:rate": RATER,
     "annotation:rate_submit": RATER,
     "annotation:rate_skip": RATER,
+    "annotation:rank": RATER,
+    "annotation:rank_submit": RATER,
     # campaign-admin pages
     "annotation:campaign_list": SIGNED_IN,
     "annotation:campaign_create": CAN_CREATE_CAMPAIGNS,
@@ -101,6 +103,7 @@ ROUTES: dict[str, Access | dict[str, Access]] = {
     "annotation:campaign_export": ADMIN_OR_ML,
     "annotation:campaign_quality": ADMIN,
     "annotation:campaign_gold": ADMIN,
+    "annotation:campaign_rank_build": ADMIN,
     # REST API
     "annotation:api-token": {"POST": PUBLIC, "*": SIGNED_IN},
     "annotation:api-campaigns": {"POST": CAN_CREATE_CAMPAIGNS, "*": SIGNED_IN},
@@ -113,6 +116,9 @@ ROUTES: dict[str, Access | dict[str, Access]] = {
     "annotation:api-next": RATER,
     "annotation:api-judgments": RATER,
     "annotation:api-slot-release": OWNED_BY_ANOTHER,
+    "annotation:api-rank-next": RATER,
+    "annotation:api-rankings": RATER,
+    "annotation:api-ranking-tasks-build": ADMIN,
     "annotation:api-progress": ADMIN_OR_ML,
     "annotation:api-export": ADMIN_OR_ML,
     "annotation:api-quality": ADMIN,
