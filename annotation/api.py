@@ -105,6 +105,25 @@ def _error_body(exc: AnnotationError) -> dict[str, Any]:
     return body
 
 
+IDEMPOTENCY_KEY_HEADER = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    description="At most 64 characters; a repeat returns the first answer (200).",
+)
+
+
+def idempotency_key(request: Request, data: dict[str, Any]) -> str | None:
+    """The submit's idempotency key: the ``Idempotency-Key`` header, else the body's
+    ``idempotency_key``; ``InvalidJudgment`` (400 naming the field) unless 1 to 64 characters."""
+    key = request.headers.get("Idempotency-Key") or data.get("idempotency_key")
+    if key is not None and not 1 <= len(key) <= 64:
+        raise InvalidJudgment(
+            "The idempotency key must be 1 to 64 characters.", field="idempotency_key"
+        )
+    return key
+
+
 class BaseApi(APIView):
     """Translates domain errors to HTTP; subclasses name the roles they need."""
 
@@ -746,14 +765,7 @@ class JudgmentSubmitApi(BaseApi):
 
     @extend_schema(
         request=InputSerializer,
-        parameters=[
-            OpenApiParameter(
-                "Idempotency-Key",
-                str,
-                OpenApiParameter.HEADER,
-                description="At most 64 characters; a repeat returns the first answer (200).",
-            )
-        ],
+        parameters=[IDEMPOTENCY_KEY_HEADER],
         responses={
             201: OutputSerializer,
             200: OpenApiResponse(OutputSerializer, description="Already stored: the same one."),
@@ -769,15 +781,7 @@ class JudgmentSubmitApi(BaseApi):
             serializer = self.InputSerializer(data=request.data)
             serializer.is_valid(raise_exception=True)
             data = serializer.validated_data
-        key = request.headers.get("Idempotency-Key") or data.get("idempotency_key")
-        if key is not None and not 1 <= len(key) <= 64:
-            return Response(
-                {
-                    "detail": "The idempotency key must be 1 to 64 characters.",
-                    "field": "idempotency_key",
-                },
-                status=status.HTTP_400_BAD_REQUEST,
-            )
+        key = idempotency_key(request, data)
         # The service maps left / right to a / b with the layout of the slot it locks, so no
         # read of the slot is needed here (it was a tenth of a submit's CPU).
         result = judgment_services.judgment_submit(

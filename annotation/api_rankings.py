@@ -13,14 +13,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from annotation import selectors_rankings
-from annotation.api import BaseApi, CampaignRole, _caller, _datetime
+from annotation.api import (
+    IDEMPOTENCY_KEY_HEADER,
+    BaseApi,
+    CampaignRole,
+    _caller,
+    _datetime,
+    idempotency_key,
+)
 from annotation.exceptions import LeaseLost
 from annotation.models import Ranking, Role
 from annotation.services import rankings as ranking_services
@@ -117,14 +124,7 @@ class RankingSubmitApi(BaseApi):
 
     @extend_schema(
         request=RankingSubmitInputSerializer,
-        parameters=[
-            OpenApiParameter(
-                "Idempotency-Key",
-                str,
-                OpenApiParameter.HEADER,
-                description="At most 64 characters; a repeat returns the first answer (200).",
-            )
-        ],
+        parameters=[IDEMPOTENCY_KEY_HEADER],
         responses={
             201: RankingSubmitOutputSerializer,
             200: OpenApiResponse(RankingSubmitOutputSerializer, description="Already stored."),
@@ -136,15 +136,7 @@ class RankingSubmitApi(BaseApi):
         serializer = RankingSubmitInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        key = request.headers.get("Idempotency-Key") or data.get("idempotency_key")
-        if key is not None and not 1 <= len(key) <= 64:
-            return Response(
-                {
-                    "detail": "The idempotency key must be 1 to 64 characters.",
-                    "field": "idempotency_key",
-                },
-                status=status.HTTP_400_BAD_REQUEST,
-            )
+        key = idempotency_key(request, data)
         rater = _caller(request)
         slot = selectors_rankings.ranking_slot_for_rater(
             rater=rater, campaign=self.campaign, slot_id=data["slot"]

@@ -11,54 +11,31 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import UTC, datetime, timedelta
-from functools import wraps
 from typing import Any
-from urllib.parse import urlencode
 
-from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render, resolve_url
-from django.urls import reverse
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
-from django_htmx.http import HttpResponseClientRedirect
 
 from annotation import selectors_rankings
 from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost
 from annotation.models import Campaign, RankingSlot
 from annotation.services.rankings import positions_to_order, ranking_lease_next, ranking_submit
-from annotation.views.rater import ROLE_LABELS, HtmxHttpRequest, View, _rater, _rater_campaign
+from annotation.views.rater import (
+    ROLE_LABELS,
+    HtmxHttpRequest,
+    _rater,
+    _rater_campaign,
+    lease_token,
+    login_required_back_to,
+)
 
 TEMPLATE = "annotation/rank.html"
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def rank_login_required(view: View) -> View:
-    """``login_required`` that also works for HTMX requests (see
-    ``rater.rater_login_required``); after logging in the rater comes back to this page."""
-
-    @wraps(view)
-    def wrapper(request: HtmxHttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.user.is_authenticated:
-            return view(request, *args, **kwargs)
-        next_url = reverse("annotation:rank", kwargs={"slug": kwargs["slug"]})
-        if request.htmx:
-            query = urlencode({"next": next_url})
-            return HttpResponseClientRedirect(f"{resolve_url(settings.LOGIN_URL)}?{query}")
-        return redirect_to_login(next_url)
-
-    return wrapper
-
-
-def _lease_token(slot: RankingSlot) -> str:
-    """Names one lease of a slot: a card from an earlier lease of it (perhaps shown in
-    another order) is refused instead of being mapped with the new order."""
-    if slot.leased_at is None:
-        return ""
-    return str((slot.leased_at - _EPOCH) // timedelta(microseconds=1))
+rank_login_required = login_required_back_to("annotation:rank")
 
 
 def _card_context(request: HttpRequest, campaign: Campaign, slot: RankingSlot) -> dict[str, Any]:
@@ -75,7 +52,7 @@ def _card_context(request: HttpRequest, campaign: Campaign, slot: RankingSlot) -
             }
             for m in card.messages
         ],
-        "lease_token": _lease_token(slot),
+        "lease_token": lease_token(slot),
         # One key per rendered card: a double click or a retried request stores one row.
         "idempotency_key": secrets.token_urlsafe(16),
     }
@@ -132,7 +109,7 @@ def rank_submit(request: HtmxHttpRequest, slug: str) -> HttpResponse:
         slot = selectors_rankings.ranking_slot_for_rater(
             rater=rater, campaign=campaign, slot_id=slot_id
         )
-        if slot is None or _lease_token(slot) != post.get("lease", ""):
+        if slot is None or lease_token(slot) != post.get("lease", ""):
             raise LeaseLost(
                 "This task is no longer assigned to you: your lease expired and it went to "
                 "someone else, so this ranking was not saved."

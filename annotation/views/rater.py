@@ -32,7 +32,7 @@ from django_htmx.middleware import HtmxDetails
 
 from annotation import permissions, selectors, selectors_rankings
 from annotation.exceptions import CampaignNotActive, InvalidJudgment, LeaseLost, ScreeningFailed
-from annotation.models import Campaign, Choice, Role, Slot, SlotStatus
+from annotation.models import Campaign, Choice, RankingSlot, Role, Slot, SlotStatus
 from annotation.services.judgments import (
     judgment_submit,
     side_to_canonical,
@@ -57,25 +57,32 @@ class HtmxHttpRequest(HttpRequest):
 # -- access ---------------------------------------------------------------------------------------
 
 
-def rater_login_required(view: View) -> View:
+def login_required_back_to(url_name: str) -> Callable[[View], View]:
     """``login_required`` that also works for HTMX requests.
 
     A plain redirect would be followed by the browser's XHR and the login page swapped into
     the card; ``HX-Redirect`` makes htmx load the login page as a whole page instead. After
-    logging in the rater comes back to the campaign's rate page (not to a POST-only URL).
+    logging in the rater comes back to the campaign's page ``url_name`` (not to a POST-only
+    URL).
     """
 
-    @wraps(view)
-    def wrapper(request: HtmxHttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.user.is_authenticated:
-            return view(request, *args, **kwargs)
-        next_url = reverse("annotation:rate", kwargs={"slug": kwargs["slug"]})
-        if request.htmx:
-            query = urlencode({"next": next_url})
-            return HttpResponseClientRedirect(f"{resolve_url(settings.LOGIN_URL)}?{query}")
-        return redirect_to_login(next_url)
+    def decorator(view: View) -> View:
+        @wraps(view)
+        def wrapper(request: HtmxHttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.user.is_authenticated:
+                return view(request, *args, **kwargs)
+            next_url = reverse(url_name, kwargs={"slug": kwargs["slug"]})
+            if request.htmx:
+                query = urlencode({"next": next_url})
+                return HttpResponseClientRedirect(f"{resolve_url(settings.LOGIN_URL)}?{query}")
+            return redirect_to_login(next_url)
 
-    return wrapper
+        return wrapper
+
+    return decorator
+
+
+rater_login_required = login_required_back_to("annotation:rate")
 
 
 def _rater_campaign(request: HttpRequest, slug: str) -> Campaign:
@@ -128,10 +135,11 @@ def _skipped(request: HttpRequest, campaign: Campaign) -> list[int]:
     return [int(v) for v in value if isinstance(v, int)] if isinstance(value, list) else []
 
 
-def lease_token(slot: Slot) -> str:
+def lease_token(slot: Slot | RankingSlot) -> str:
     """Names one lease of a slot. A slot that expired and was leased again (perhaps to this
-    rater, in another tab, with the sides swapped) gets a new token, so an answer given on the
-    old card is refused instead of being mapped with the new layout."""
+    rater, in another tab, with the sides swapped or the outputs in another order) gets a new
+    token, so an answer given on the old card is refused instead of being mapped with the new
+    layout."""
     if slot.leased_at is None:
         return ""
     return str((slot.leased_at - _EPOCH) // timedelta(microseconds=1))
