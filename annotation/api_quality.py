@@ -110,6 +110,8 @@ class QualityCritiqueArmSerializer(serializers.Serializer):
     n = serializers.IntegerField()
     gold_n = serializers.IntegerField()
     gold_accuracy = serializers.FloatField(allow_null=True)
+    planted_n = serializers.IntegerField(help_text="Gold items with a planted error.")
+    planted_accuracy = serializers.FloatField(allow_null=True)
     timed_n = serializers.IntegerField()
     median_decision_ms = serializers.FloatField(allow_null=True)
     agreement = serializers.FloatField(allow_null=True)
@@ -120,6 +122,7 @@ class QualityCritiqueSerializer(serializers.Serializer):
     shown = QualityCritiqueArmSerializer()
     hidden = QualityCritiqueArmSerializer()
     gold_uplift = QualityUpliftSerializer(allow_null=True)
+    planted_uplift = QualityUpliftSerializer(allow_null=True)
     time_uplift = QualityUpliftSerializer(allow_null=True)
 
 

@@ -63,6 +63,7 @@ class _Row(NamedTuple):
     critique_shown: bool
     decision_ms: int | None
     gold_choice: str
+    gold_kind: str  # how a generated gold item was made; "" for marked gold and non-gold
     a_length: int
     b_length: int
 
@@ -109,6 +110,8 @@ class CritiqueArm:
     n: int
     gold_n: int
     gold_accuracy: float | None
+    planted_n: int  # gold items with a planted error (the flaws a critique should point at)
+    planted_accuracy: float | None
     timed_n: int
     median_decision_ms: float | None
     agreement: float | None  # raw agreement between raters of this arm on the same comparison
@@ -122,6 +125,7 @@ class CritiqueExperiment:
     shown: CritiqueArm
     hidden: CritiqueArm
     gold_uplift: Uplift | None  # gold accuracy, shown - hidden; None: an arm has no gold
+    planted_uplift: Uplift | None  # the same on gold items with a planted error
     time_uplift: Uplift | None  # mean decision ms, shown - hidden; None: an arm has no times
 
     @property
@@ -191,6 +195,7 @@ def _rows(judgments: QuerySet[Judgment]) -> list[_Row]:
         "critique_shown",
         "decision_ms",
         "comparison__gold_choice",
+        "comparison__gold_kind",
         Length("comparison__completion_a__text"),
         Length("comparison__completion_b__text"),
     )
@@ -233,6 +238,7 @@ def _record(row: _Row) -> JudgmentRecord:
 
 def _arm(rows: Sequence[_Row], *, shown: bool) -> CritiqueArm:
     gold = [row.choice == row.gold_choice for row in rows if row.gold_choice]
+    planted = _planted(rows)
     times = [row.decision_ms for row in rows if row.decision_ms is not None]
     per_item: dict[int, int] = defaultdict(int)
     for row in rows:
@@ -242,6 +248,8 @@ def _arm(rows: Sequence[_Row], *, shown: bool) -> CritiqueArm:
         n=len(rows),
         gold_n=len(gold),
         gold_accuracy=sum(gold) / len(gold) if gold else None,
+        planted_n=len(planted),
+        planted_accuracy=sum(planted) / len(planted) if planted else None,
         timed_n=len(times),
         median_decision_ms=float(median(times)) if times else None,
         agreement=quality.raw_agreement(
@@ -249,6 +257,12 @@ def _arm(rows: Sequence[_Row], *, shown: bool) -> CritiqueArm:
         ),
         agreement_items=sum(1 for count in per_item.values() if count >= 2),
     )
+
+
+def _planted(rows: Sequence[_Row]) -> list[bool]:
+    """Right or wrong on the gold items with a planted error: what a critique that finds the
+    flaw should help with (CriticGPT's measurement)."""
+    return [row.choice == row.gold_choice for row in rows if row.gold_kind == "planted_error"]
 
 
 def _uplift(
@@ -277,6 +291,9 @@ def _critique_experiment(
         shown=_arm(shown, shown=True),
         hidden=_arm(hidden, shown=False),
         gold_uplift=_uplift(gold(shown), gold(hidden), n_resamples=n_resamples, seed=seed),
+        planted_uplift=_uplift(
+            _planted(shown), _planted(hidden), n_resamples=n_resamples, seed=seed
+        ),
         time_uplift=_uplift(times(shown), times(hidden), n_resamples=n_resamples, seed=seed),
     )
 

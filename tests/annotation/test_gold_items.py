@@ -485,3 +485,28 @@ def test_the_quality_report_gives_each_critics_precision_from_the_verdicts():
     page = browser.get(f"/campaigns/{campaign.slug}/quality/").content.decode()
     assert "Critique precision" in page
     assert "50%" in page
+
+
+def test_the_critique_arms_report_accuracy_on_planted_errors_separately():
+    from annotation.models import CritiqueMode
+    from annotation.reports import _critique_experiment, _Row
+
+    campaign = CampaignFactory(critique_mode=CritiqueMode.EXPERIMENT)
+
+    def row(item, shown, right, kind):
+        return _Row(item, item, "a" if right else "b", None, True, shown, 1000, "a", kind, 10, 12)
+
+    rows = [
+        # Shown a critique: 3 of 4 planted errors caught; the truncation gold item missed.
+        *(row(i, True, i != 3, "planted_error") for i in range(4)),
+        row(10, True, False, "truncate"),
+        # Hidden: 1 of 4 planted errors; the truncation gold item right.
+        *(row(20 + i, False, i == 0, "planted_error") for i in range(4)),
+        row(30, False, True, "truncate"),
+    ]
+    report = _critique_experiment(campaign, rows, n_resamples=200, seed=0)
+    assert (report.shown.planted_n, report.shown.planted_accuracy) == (4, 0.75)
+    assert (report.hidden.planted_n, report.hidden.planted_accuracy) == (4, 0.25)
+    assert report.shown.gold_accuracy == 3 / 5
+    assert report.planted_uplift.difference == pytest.approx(0.5)
+    assert report.planted_uplift.low <= 0.5 <= report.planted_uplift.high
