@@ -175,18 +175,20 @@ class CampaignProgress:
 
 
 def campaign_progress(*, campaign: Campaign, with_raters: bool = True) -> CampaignProgress:
+    """Progress of the campaign's real work: gold items and their slots are left out (the
+    gold page has their figures), so "open" is what raters still have to do."""
     now = timezone.now()
     by_status = dict(
-        Slot.objects.filter(campaign=campaign)
+        Slot.objects.filter(campaign=campaign, gold=False)
         .values("status")
         .annotate(n=Count("id"))
         .values_list("status", "n")
     )
     expired = Slot.objects.filter(
-        campaign=campaign, status=SlotStatus.LEASED, lease_expires_at__lt=now
+        campaign=campaign, gold=False, status=SlotStatus.LEASED, lease_expires_at__lt=now
     ).count()
     progress = CampaignProgress(
-        comparisons=Comparison.objects.filter(campaign=campaign).count(),
+        comparisons=Comparison.objects.filter(campaign=campaign, gold_choice="").count(),
         slots=sum(by_status.values()),
         filled=by_status.get(SlotStatus.FILLED, 0),
         leased=by_status.get(SlotStatus.LEASED, 0),
@@ -337,7 +339,7 @@ def rater_remaining_count(
     limit = cap * max(campaign.overlap, 1)
     mine = Slot.objects.filter(comparison=OuterRef("comparison_id"), rater_id=rater.pk)
     window = (
-        Slot.objects.filter(campaign=campaign, status=SlotStatus.OPEN)
+        Slot.objects.filter(campaign=campaign, status=SlotStatus.OPEN, gold=False)
         .exclude(Exists(mine))
         .order_by()
         .values("id")[:limit]

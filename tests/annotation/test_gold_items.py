@@ -510,3 +510,17 @@ def test_the_critique_arms_report_accuracy_on_planted_errors_separately():
     assert report.shown.gold_accuracy == 3 / 5
     assert report.planted_uplift.difference == pytest.approx(0.5)
     assert report.planted_uplift.low <= 0.5 <= report.planted_uplift.high
+
+
+def test_progress_counts_real_work_only():
+    from annotation.selectors import campaign_progress, rater_remaining_count
+
+    campaign = _campaign(prompts=3, overlap=2, gold_overlap=5)
+    rater = _rater(campaign)
+    before = campaign_progress(campaign=campaign, with_raters=False)
+    remaining_before = rater_remaining_count(rater=rater, campaign=campaign)
+    gold_generate(campaign=campaign, count=2, kinds=["refusal"], seed=0)
+    after = campaign_progress(campaign=campaign, with_raters=False)
+    assert (after.comparisons, after.slots, after.open) == (3, 6, 6)
+    assert (before.comparisons, before.slots, before.open) == (3, 6, 6)
+    assert rater_remaining_count(rater=rater, campaign=campaign) == remaining_before
