@@ -2,7 +2,7 @@
 
 from django.urls import URLPattern, URLResolver, path
 
-from annotation import api, api_gold, api_quality, api_rankings
+from annotation import api
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("auth/token/", api.AuthTokenApi.as_view(), name="api-token"),
@@ -17,10 +17,10 @@ urlpatterns: list[URLPattern | URLResolver] = [
         api.ComparisonsBuildApi.as_view(),
         name="api-comparisons-build",
     ),
-    path("campaigns/<slug:slug>/gold/", api_gold.GoldGenerateApi.as_view(), name="api-gold"),
+    path("campaigns/<slug:slug>/gold/", api.GoldGenerateApi.as_view(), name="api-gold"),
     path(
         "campaigns/<slug:slug>/comparisons/<int:comparison_id>/gold/",
-        api_gold.ComparisonGoldSetApi.as_view(),
+        api.ComparisonGoldSetApi.as_view(),
         name="api-comparison-gold",
     ),
     path("campaigns/<slug:slug>/next/", api.SlotLeaseApi.as_view(), name="api-next"),
@@ -32,24 +32,24 @@ urlpatterns: list[URLPattern | URLResolver] = [
     ),
     path(
         "campaigns/<slug:slug>/rank/next/",
-        api_rankings.RankingLeaseApi.as_view(),
+        api.RankingLeaseApi.as_view(),
         name="api-rank-next",
     ),
     path(
         "campaigns/<slug:slug>/rankings/",
-        api_rankings.RankingSubmitApi.as_view(),
+        api.RankingSubmitApi.as_view(),
         name="api-rankings",
     ),
     path(
         "campaigns/<slug:slug>/ranking-tasks/build/",
-        api_rankings.RankingTasksBuildApi.as_view(),
+        api.RankingTasksBuildApi.as_view(),
         name="api-ranking-tasks-build",
     ),
     path("campaigns/<slug:slug>/progress/", api.CampaignProgressApi.as_view(), name="api-progress"),
     path("campaigns/<slug:slug>/export/", api.JudgmentExportApi.as_view(), name="api-export"),
     path(
         "campaigns/<slug:slug>/quality/",
-        api_quality.CampaignQualityApi.as_view(),
+        api.CampaignQualityApi.as_view(),
         name="api-quality",
     ),
 ]

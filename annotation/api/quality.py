@@ -4,9 +4,8 @@ The same selector as the admin page (``annotation.reports.campaign_quality_repor
 numbers: agreement with bootstrap intervals, pairwise kappas, Dawid-Skene reliability, weight
 and confusion per rater, bias figures and flags, the critique experiment's arms and uplifts.
 
-Serializers are module-level with names of their own (``QualityReport...``): the nested-name
-pass in ``annotation.api`` runs when that module is imported, before this one, and two nested
-``OutputSerializer`` classes would clash in the OpenAPI components.
+Serializers are module-level with names of their own (``QualityReport...``), so they read as
+themselves in the OpenAPI components.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from annotation import reports
-from annotation.api import BaseApi, CampaignRole
+from annotation.api.base import BaseApi, CampaignRole
 from annotation.models import Role
 
 

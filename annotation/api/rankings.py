@@ -20,14 +20,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from annotation import selectors_rankings
-from annotation.api import (
+from annotation.api.base import (
     IDEMPOTENCY_KEY_HEADER,
     BaseApi,
     CampaignRole,
     _caller,
-    _datetime,
     idempotency_key,
 )
+from annotation.api.rater import _datetime
 from annotation.exceptions import LeaseLost
 from annotation.models import Ranking, Role
 from annotation.services import rankings as ranking_services

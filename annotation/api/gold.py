@@ -14,7 +14,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from annotation.api import BaseApi, CampaignRole
+from annotation.api.base import BaseApi, CampaignRole
 from annotation.gold import Corruption
 from annotation.models import Choice, Role
 from annotation.services import gold as gold_services
