@@ -45,7 +45,14 @@ var/secret_key:
 run: install var/secret_key
 	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/python manage.py migrate --no-input
 	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/python manage.py seed_demo
-	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/gunicorn rlhf_site.wsgi \
+	@# A real Celery worker (both queues, one task at a time) beside the web server; the trap
+	@# stops it when gunicorn stops (Ctrl-C). The prefork pool lets the worker requeue a task
+	@# whose child process died, so a killed training run resumes.
+	DEBUG=1 SECRET_KEY_FILE=var/secret_key; export DEBUG SECRET_KEY_FILE; \
+	$(BIN)/celery -A rlhf_site worker -Q default,training --pool prefork --concurrency 1 \
+		--max-tasks-per-child 1 --loglevel INFO -n embedded@%h & worker=$$!; \
+	trap 'kill -TERM $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
+	$(BIN)/gunicorn rlhf_site.wsgi \
 		--bind $(HOST):$(PORT) --workers 2 --access-logfile - --graceful-timeout 5
 
 # The whole suite. CI runs this with DATABASE_URL pointing at PostgreSQL.
