@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 from annotation.models import Campaign, Judgment, Slot, SlotStatus
@@ -10,7 +11,7 @@ from tests.conftest import make_campaign
 from tests.factories import UserFactory
 
 
-def judge(campaign: Campaign, *, raters: int = 2, choices: str = "ab") -> list[Judgment]:
+def judge(campaign: Campaign, *, raters: int = 2, choices: Sequence[str] = "ab") -> list[Judgment]:
     """One judgment per open slot of ``campaign``, from ``raters`` raters in turn."""
     people = [UserFactory() for _ in range(raters)]
     made = []

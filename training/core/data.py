@@ -156,6 +156,11 @@ def _completion(row: dict[str, Any], name: str) -> str:
     value = row[name]
     if isinstance(value, str):
         return value
+    if isinstance(value, dict) and "role" not in value and "text" in value:
+        # The annotation app's ``full`` export: {"id", "external_id", "text", "source"}.
+        if not isinstance(value["text"], str):
+            raise _LineError(f"{name}.text", "expected text")
+        return value["text"]
     if isinstance(value, dict):
         value = [value]
     messages = _messages(value, name)
