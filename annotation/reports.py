@@ -66,6 +66,13 @@ class _Row(NamedTuple):
     gold_kind: str  # how a generated gold item was made; "" for marked gold and non-gold
     a_length: int
     b_length: int
+    a_round: int | None  # the loop round that generated each completion (None: imported)
+    b_round: int | None
+
+    @property
+    def round_number(self) -> int:
+        """The comparison's round: the later of its completions' rounds, 0 for imported."""
+        return max(self.a_round or 0, self.b_round or 0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,15 @@ class CritiqueExperiment:
 
 
 @dataclass(frozen=True)
+class RoundAgreement:
+    """Agreement on the comparisons of one loop round (completions generated in that round;
+    0 = imported), with its own bootstrap intervals."""
+
+    round_number: int
+    agreement: AgreementReport
+
+
+@dataclass(frozen=True)
 class CriticPrecision:
     """How often raters who were shown a critic's critiques called them valid (they point at
     a real problem): the critique precision of that critic, as CriticGPT measured it."""
@@ -158,6 +174,7 @@ class QualityReport:
     n_raters: int
     n_gold_judgments: int
     agreement: AgreementReport
+    by_round: tuple[RoundAgreement, ...]  # one per round with judgments; empty with one round
     kappas: tuple[KappaPair, ...]  # the pairs with most comparisons in common, most first
     dawid_skene: DawidSkeneSummary | None  # None: no judgments
     raters: tuple[RaterQuality, ...]  # most judgments first
@@ -198,6 +215,8 @@ def _rows(judgments: QuerySet[Judgment]) -> list[_Row]:
         "comparison__gold_kind",
         Length("comparison__completion_a__text"),
         Length("comparison__completion_b__text"),
+        "comparison__completion_a__round_number",
+        "comparison__completion_b__round_number",
     )
     return [_Row(*row) for row in values.iterator(chunk_size=10_000)]
 
@@ -298,6 +317,23 @@ def _critique_experiment(
     )
 
 
+def _agreement(rows: Sequence[_Row], *, scale: int, n_resamples: int, seed: int) -> AgreementReport:
+    return quality.agreement_report(
+        (
+            ChoiceRating(
+                row.comparison_id,
+                row.rater_id,
+                row.choice,
+                row.strength if row.choice in ("a", "b") else None,
+            )
+            for row in rows
+        ),
+        strength_scale=scale,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
 def _critique_precision(judgments: QuerySet[Judgment]) -> tuple[CriticPrecision, ...]:
     """One grouped query over the raters' verdicts on the critiques they were shown."""
     rows = (
@@ -365,20 +401,25 @@ def campaign_quality_report(
     # Strength is only meaningful for a decisive choice; a scale shrunk after judgments were
     # made must not make older strengths invalid.
     scale = max([campaign.strength_scale, *(row.strength or 0 for row in rows)])
-    agreement = quality.agreement_report(
-        (
-            ChoiceRating(
-                row.comparison_id,
-                row.rater_id,
-                row.choice,
-                row.strength if row.choice in ("a", "b") else None,
+    agreement = _agreement(rows, scale=scale, n_resamples=n_resamples, seed=seed)
+    rounds = sorted({row.round_number for row in rows})
+    by_round = (
+        tuple(
+            RoundAgreement(
+                round_number=number,
+                agreement=_agreement(
+                    [row for row in rows if row.round_number == number],
+                    scale=scale,
+                    n_resamples=n_resamples,
+                    seed=seed,
+                ),
             )
-            for row in rows
-        ),
-        strength_scale=scale,
-        n_resamples=n_resamples,
-        seed=seed,
+            for number in rounds
+        )
+        if len(rounds) > 1
+        else ()
     )
+
     ds = _dawid_skene(campaign, [(row.comparison_id, row.rater_id, row.choice) for row in rows])
     per_rater = quality.rater_stats(_record(row) for row in rows)
     raters = []
@@ -418,6 +459,7 @@ def campaign_quality_report(
         n_raters=len(per_rater),
         n_gold_judgments=sum(1 for row in rows if row.gold_choice),
         agreement=agreement,
+        by_round=by_round,
         kappas=_kappas(rows, names, top=top_kappa_pairs, min_common=kappa_min_common),
         dawid_skene=None
         if ds is None

@@ -125,6 +125,13 @@ class QualityCritiqueSerializer(serializers.Serializer):
     time_uplift = QualityUpliftSerializer(allow_null=True)
 
 
+class QualityRoundAgreementSerializer(serializers.Serializer):
+    round_number = serializers.IntegerField(
+        help_text="The loop round that generated the comparisons' completions; 0: imported."
+    )
+    agreement = QualityAgreementSerializer()
+
+
 class QualityCriticPrecisionSerializer(serializers.Serializer):
     critic = serializers.CharField()
     verdicts = serializers.IntegerField()
@@ -142,6 +149,9 @@ class QualityReportSerializer(serializers.Serializer):
     n_gold_judgments = serializers.IntegerField()
     n_suspicious = serializers.IntegerField()
     agreement = QualityAgreementSerializer()
+    by_round = QualityRoundAgreementSerializer(
+        many=True, help_text="Agreement per loop round; empty while there is only one round."
+    )
     kappas = QualityKappaPairSerializer(many=True)
     dawid_skene = QualityDawidSkeneSerializer(allow_null=True)
     raters = QualityRaterSerializer(many=True)

@@ -494,7 +494,21 @@ def test_the_critique_arms_report_accuracy_on_planted_errors_separately():
     campaign = CampaignFactory(critique_mode=CritiqueMode.EXPERIMENT)
 
     def row(item, shown, right, kind):
-        return _Row(item, item, "a" if right else "b", None, True, shown, 1000, "a", kind, 10, 12)
+        return _Row(
+            item,
+            item,
+            "a" if right else "b",
+            None,
+            True,
+            shown,
+            1000,
+            "a",
+            kind,
+            10,
+            12,
+            None,
+            None,
+        )
 
     rows = [
         # Shown a critique: 3 of 4 planted errors caught; the truncation gold item missed.
@@ -524,3 +538,38 @@ def test_progress_counts_real_work_only():
     assert (after.comparisons, after.slots, after.open) == (3, 6, 6)
     assert (before.comparisons, before.slots, before.open) == (3, 6, 6)
     assert rater_remaining_count(rater=rater, campaign=campaign) == remaining_before
+
+
+def test_agreement_is_reported_per_loop_round():
+    from annotation.reports import campaign_quality_report
+
+    campaign = _campaign(prompts=4, overlap=2)
+    # Round 1: the policy's candidates for two prompts; the other two stay imported (round 0).
+    for comparison in Comparison.objects.filter(campaign=campaign).order_by("id")[:2]:
+        Completion.objects.filter(pk=comparison.completion_b_id).update(round_number=1)
+    round_one = set(
+        Comparison.objects.filter(completion_b__round_number=1).values_list("id", flat=True)
+    )
+    first, second = _rater(campaign), _rater(campaign)
+    for rater, agree_in_round_one in ((first, True), (second, False)):
+        for _ in range(4):
+            slot = slot_lease_next(rater=rater, campaign=campaign)
+            in_round_one = slot.comparison_id in round_one
+            # Both raters answer "a" on imported comparisons; on round 1 they disagree.
+            choice = "a" if (not in_round_one or agree_in_round_one) else "b"
+            judgment_submit(rater=rater, campaign=campaign, slot_id=slot.pk, choice=choice)
+    report = campaign_quality_report(campaign=campaign, n_resamples=50)
+    by_round = {r.round_number: r.agreement for r in report.by_round}
+    assert set(by_round) == {0, 1}
+    assert (by_round[0].n_multi_rated, by_round[0].raw) == (2, 1.0)
+    assert (by_round[1].n_multi_rated, by_round[1].raw) == (2, 0.0)
+    assert report.agreement.raw == 0.5
+    admin = UserFactory()
+    MembershipFactory(campaign=campaign, user=admin, role=Role.ADMIN)
+    browser = Client()
+    browser.force_login(admin)
+    assert b"By round" in browser.get(f"/campaigns/{campaign.slug}/quality/").content
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {token_issue(user=admin).key}")
+    rounds = api.get(f"/api/campaigns/{campaign.slug}/quality/").json()["by_round"]
+    assert [(r["round_number"], r["agreement"]["raw"]) for r in rounds] == [(0, 1.0), (1, 0.0)]
