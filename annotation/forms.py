@@ -95,6 +95,19 @@ class CampaignForm(forms.Form):
     gold_overlap = forms.IntegerField(
         min_value=1, max_value=50, initial=10, help_text="How many raters answer each gold item."
     )
+    agreement_fraction = forms.FloatField(
+        min_value=0,
+        max_value=1,
+        initial=0.0,
+        help_text="Share of new comparisons answered by several raters to measure agreement "
+        "(e.g. 0.1).",
+    )
+    agreement_overlap = forms.IntegerField(
+        min_value=1,
+        max_value=50,
+        initial=3,
+        help_text="How many raters answer each of those comparisons.",
+    )
     screening_items = forms.IntegerField(
         min_value=0,
         max_value=100,

@@ -86,6 +86,14 @@ class Campaign(models.Model):
     gold_overlap = models.PositiveSmallIntegerField(
         default=10, help_text="How many raters answer each gold item."
     )
+    agreement_fraction = models.FloatField(
+        default=0.0,
+        help_text="Share of new comparisons answered by agreement_overlap raters instead of "
+        "overlap, to measure agreement.",
+    )
+    agreement_overlap = models.PositiveSmallIntegerField(
+        default=3, help_text="How many raters answer each agreement comparison."
+    )
     screening_items = models.PositiveSmallIntegerField(
         default=0, help_text="Gold items a rater must answer before real work; 0: no screening."
     )
@@ -118,6 +126,14 @@ class Campaign(models.Model):
             models.CheckConstraint(
                 condition=Q(gold_overlap__gte=1) & Q(gold_overlap__lte=50),
                 name="campaign_gold_overlap_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(agreement_fraction__gte=0) & Q(agreement_fraction__lte=1),
+                name="campaign_agreement_fraction_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(agreement_overlap__gte=1) & Q(agreement_overlap__lte=50),
+                name="campaign_agreement_overlap_range",
             ),
             models.CheckConstraint(
                 condition=Q(screening_min_accuracy__gte=0) & Q(screening_min_accuracy__lte=1),
@@ -231,6 +247,8 @@ class Comparison(models.Model):
     # How a generated gold item was made (annotation.gold.Corruption), for the admin only.
     gold_kind = models.CharField(max_length=32, blank=True)
     gold_note = models.CharField(max_length=300, blank=True)
+    # One of the campaign's agreement share: answered by ``agreement_overlap`` raters.
+    agreement_item = models.BooleanField(default=False)
     priority = models.FloatField(default=0.0, help_text="Higher is served first.")
     judgments_wanted = models.PositiveSmallIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)

@@ -56,6 +56,8 @@ class CampaignFieldsSerializer(serializers.Serializer):
     critique_fraction = serializers.FloatField(min_value=0, max_value=1, required=False)
     gold_fraction = serializers.FloatField(min_value=0, max_value=1, required=False)
     gold_overlap = serializers.IntegerField(min_value=1, max_value=50, required=False)
+    agreement_fraction = serializers.FloatField(min_value=0, max_value=1, required=False)
+    agreement_overlap = serializers.IntegerField(min_value=1, max_value=50, required=False)
     screening_items = serializers.IntegerField(min_value=0, max_value=100, required=False)
     screening_min_accuracy = serializers.FloatField(min_value=0, max_value=1, required=False)
 
@@ -80,6 +82,8 @@ class CampaignDetailOutputSerializer(serializers.Serializer):
     critique_fraction = serializers.FloatField()
     gold_fraction = serializers.FloatField()
     gold_overlap = serializers.IntegerField()
+    agreement_fraction = serializers.FloatField()
+    agreement_overlap = serializers.IntegerField()
     screening_items = serializers.IntegerField()
     screening_min_accuracy = serializers.FloatField()
     created_at = serializers.DateTimeField()

@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Case, Count, IntegerField, Max, Value, When, Window
+from django.db.models import Case, Count, IntegerField, Max, QuerySet, Value, When, Window
 from django.db.models.functions import RowNumber
 
 from annotation.exceptions import AnnotationError
@@ -40,6 +40,8 @@ EDITABLE_FIELDS = (
     "gold_overlap",
     "screening_items",
     "screening_min_accuracy",
+    "agreement_fraction",
+    "agreement_overlap",
 )
 
 # Allowed status transitions; archived is terminal.
@@ -74,6 +76,8 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "gold_overlap": (1, 50, "between 1 and 50"),
     "screening_items": (0, 100, "between 0 and 100"),
     "screening_min_accuracy": (0, 1, "between 0 and 1"),
+    "agreement_fraction": (0, 1, "between 0 and 1"),
+    "agreement_overlap": (1, 50, "between 1 and 50"),
 }
 
 
@@ -139,35 +143,46 @@ def campaign_update(*, campaign: Campaign, **fields: Any) -> Campaign:
             fields[list_field] = clean_option_list(fields[list_field], field=list_field)
     with transaction.atomic():
         locked = Campaign.objects.select_for_update(no_key=True).get(pk=campaign.pk)
-        old_overlap, old_gold_overlap = locked.overlap, locked.gold_overlap
+        old = {group: getattr(locked, field) for group, field in _OVERLAP_FIELDS.items()}
         if "guidelines" in fields and fields["guidelines"] != locked.guidelines:
             locked.guidelines_version += 1
         for key, value in fields.items():
             setattr(locked, key, value)
         _full_clean(locked)
         locked.save()
-        if locked.overlap != old_overlap:
-            _resize_slots(campaign=locked, old=old_overlap, new=locked.overlap, gold=False)
-        if locked.gold_overlap != old_gold_overlap:
-            _resize_slots(campaign=locked, old=old_gold_overlap, new=locked.gold_overlap, gold=True)
+        for group, field in _OVERLAP_FIELDS.items():
+            if getattr(locked, field) != old[group]:
+                _resize_slots(
+                    campaign=locked, old=old[group], new=getattr(locked, field), group=group
+                )
     return locked
 
 
-def _resize_slots(*, campaign: Campaign, old: int, new: int, gold: bool) -> None:
-    """Make every comparison of the campaign have ``max(new, filled)`` slots: the ordinary
-    comparisons (``overlap``) or the gold ones (``gold_overlap``).
+# Each group of comparisons and the campaign field that says how many raters answer it.
+_OVERLAP_FIELDS = {"ordinary": "overlap", "agreement": "agreement_overlap", "gold": "gold_overlap"}
+
+
+def _group(campaign: Campaign, group: str) -> QuerySet[Comparison]:
+    comparisons = Comparison.objects.filter(campaign=campaign)
+    if group == "gold":
+        return comparisons.exclude(gold_choice="")
+    return comparisons.filter(gold_choice="", agreement_item=group == "agreement")
+
+
+def _resize_slots(*, campaign: Campaign, old: int, new: int, group: str) -> None:
+    """Make every comparison of one group have ``max(new, filled)`` slots: the ordinary
+    comparisons (``overlap``), the agreement share (``agreement_overlap``) or the gold items
+    (``gold_overlap``).
 
     Slot indexes are not dense after a shrink (filled slots keep theirs), so new slots are
     numbered after the highest index in use rather than from the old overlap.
     """
-    comparisons = Comparison.objects.filter(campaign=campaign)
-    comparisons = (
-        comparisons.exclude(gold_choice="") if gold else comparisons.filter(gold_choice="")
-    )
+    comparisons = _group(campaign, group)
     comparisons.update(judgments_wanted=new)
     if new < old:
-        _shrink_slots(campaign=campaign, new=new, gold=gold)
+        _shrink_slots(campaign=campaign, new=new, group=group)
         return
+    gold = group == "gold"
     short = (
         comparisons.annotate(n_slots=Count("slots"), top=Max("slots__index"))
         .filter(n_slots__lt=new)
@@ -192,7 +207,7 @@ def _resize_slots(*, campaign: Campaign, old: int, new: int, gold: bool) -> None
     Slot.objects.bulk_create(batch)
 
 
-def _shrink_slots(*, campaign: Campaign, new: int, gold: bool) -> None:
+def _shrink_slots(*, campaign: Campaign, new: int, group: str) -> None:
     """Delete the slots ranked past ``new`` in each comparison (filled first, then leases,
     then open ones), except filled ones. A rater whose lease is deleted gets LeaseLost.
 
@@ -201,7 +216,7 @@ def _shrink_slots(*, campaign: Campaign, new: int, gold: bool) -> None:
     for that submit, the re-check then skips the now-filled slot, and the next round ranks it
     first and dooms another slot instead. Each round deletes a slot or ends, so it stops.
     """
-    while doomed := _shrink_ids(campaign=campaign, new=new, gold=gold):
+    while doomed := _shrink_ids(campaign=campaign, new=new, group=group):
         for start in range(0, len(doomed), 5000):
             still_unfilled = list(
                 Slot.objects.select_for_update()
@@ -212,7 +227,7 @@ def _shrink_slots(*, campaign: Campaign, new: int, gold: bool) -> None:
             Slot.objects.filter(id__in=still_unfilled).delete()
 
 
-def _shrink_ids(*, campaign: Campaign, new: int, gold: bool) -> list[int]:
+def _shrink_ids(*, campaign: Campaign, new: int, group: str) -> list[int]:
     rank = Window(
         expression=RowNumber(),
         partition_by="comparison_id",
@@ -228,7 +243,9 @@ def _shrink_ids(*, campaign: Campaign, new: int, gold: bool) -> list[int]:
     )
     return [
         slot_id
-        for slot_id, status in Slot.objects.filter(campaign=campaign, gold=gold)
+        for slot_id, status in Slot.objects.filter(
+            campaign=campaign, comparison__in=_group(campaign, group)
+        )
         .annotate(rank=rank)
         .filter(rank__gt=new)
         .values_list("id", "status")

@@ -187,9 +187,9 @@ def comparisons_create(
     """
     created = slots = 0
     with transaction.atomic():
-        overlap, gold_overlap = (
+        overlap, gold_overlap, agreement_fraction, agreement_overlap = (
             Campaign.objects.select_for_update(no_key=True)
-            .values_list("overlap", "gold_overlap")
+            .values_list("overlap", "gold_overlap", "agreement_fraction", "agreement_overlap")
             .get(pk=campaign.pk)
         )
         position = 0
@@ -217,6 +217,14 @@ def comparisons_create(
                 gold = spec.gold_choice
                 if gold and spec.completion_x > spec.completion_y:
                     gold = {"a": "b", "b": "a"}.get(gold, gold)
+                # The agreement share is drawn per pair, reproducibly (the same pair is in
+                # or out however often it is imported); gold items have their own overlap.
+                agreement_item = not gold and (
+                    random.Random(f"{campaign.pk}:{a}:{b}").random() < agreement_fraction
+                )
+                wanted = (
+                    gold_overlap if gold else (agreement_overlap if agreement_item else overlap)
+                )
                 rows.append(
                     Comparison(
                         campaign=campaign,
@@ -227,8 +235,9 @@ def comparisons_create(
                         gold_choice=gold,
                         gold_kind=spec.gold_kind,
                         gold_note=spec.gold_note[:300],
+                        agreement_item=agreement_item,
                         # Gold items are answered by more raters: each answer grades a rater.
-                        judgments_wanted=gold_overlap if gold else overlap,
+                        judgments_wanted=wanted,
                     )
                 )
             existing = set(

@@ -76,6 +76,8 @@ def campaign_form(campaign: Campaign, **overrides) -> dict[str, str]:
         "lease_seconds": campaign.lease_seconds,
         "gold_fraction": campaign.gold_fraction,
         "gold_overlap": campaign.gold_overlap,
+        "agreement_fraction": campaign.agreement_fraction,
+        "agreement_overlap": campaign.agreement_overlap,
         "screening_items": campaign.screening_items,
         "screening_min_accuracy": campaign.screening_min_accuracy,
         "strength_scale": campaign.strength_scale,

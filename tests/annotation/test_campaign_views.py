@@ -61,6 +61,8 @@ def form_data(**overrides: object) -> dict[str, object]:
         "critique_fraction": 0.25,
         "gold_fraction": 0.1,
         "gold_overlap": 5,
+        "agreement_fraction": 0.1,
+        "agreement_overlap": 3,
         "screening_items": 3,
         "screening_min_accuracy": 0.75,
     }
@@ -217,6 +219,8 @@ def edit_data(campaign: Campaign, **overrides: object) -> dict[str, object]:
         critique_fraction=campaign.critique_fraction,
         gold_fraction=campaign.gold_fraction,
         gold_overlap=campaign.gold_overlap,
+        agreement_fraction=campaign.agreement_fraction,
+        agreement_overlap=campaign.agreement_overlap,
         screening_items=campaign.screening_items,
         screening_min_accuracy=campaign.screening_min_accuracy,
     )

@@ -573,3 +573,30 @@ def test_agreement_is_reported_per_loop_round():
     api.credentials(HTTP_AUTHORIZATION=f"Token {token_issue(user=admin).key}")
     rounds = api.get(f"/api/campaigns/{campaign.slug}/quality/").json()["by_round"]
     assert [(r["round_number"], r["agreement"]["raw"]) for r in rounds] == [(0, 1.0), (1, 0.0)]
+
+
+def test_a_campaign_set_share_of_comparisons_gets_several_raters():
+    campaign = CampaignFactory(overlap=1, agreement_fraction=0.25, agreement_overlap=3)
+    specs = []
+    for _ in range(200):
+        prompt = PromptFactory(campaign=campaign)
+        x, y = CompletionFactory(prompt=prompt), CompletionFactory(prompt=prompt)
+        specs.append(PairSpec(prompt_id=prompt.pk, completion_x=x.pk, completion_y=y.pk))
+    comparisons_create(campaign=campaign, pairs=specs)
+    shared = Comparison.objects.filter(campaign=campaign, agreement_item=True)
+    assert 30 <= shared.count() <= 70  # 25% of 200: 50 expected
+    for comparison in Comparison.objects.filter(campaign=campaign):
+        wanted = 3 if comparison.agreement_item else 1
+        assert comparison.judgments_wanted == wanted
+        assert comparison.slots.count() == wanted
+    # The share is drawn per pair, reproducibly: rebuilding skips, and the flag is stable.
+    before = set(shared.values_list("id", flat=True))
+    comparisons_create(campaign=campaign, pairs=specs)
+    assert set(shared.values_list("id", flat=True)) == before
+    # Overlap changes leave the agreement share alone, and agreement_overlap resizes only it.
+    campaign_update(campaign=campaign, overlap=2)
+    assert {c.slots.count() for c in shared} == {3}
+    campaign_update(campaign=campaign, agreement_overlap=4)
+    assert {c.slots.count() for c in shared} == {4}
+    ordinary = Comparison.objects.filter(campaign=campaign, agreement_item=False)
+    assert {c.slots.count() for c in ordinary} == {2}
