@@ -21,12 +21,7 @@
     return Number(form.dataset.k) || 0;
   }
 
-  function status(message, kind) {
-    var box = document.getElementById("rate-status");
-    if (!box) return;
-    box.textContent = message || "";
-    box.className = "rate-status" + (message ? " notice " + (kind || "error") : "");
-  }
+  var status = window.rlhfCards.status;
 
   // -- decision time: from the moment the task is shown, only while the tab is visible -----
 
@@ -288,38 +283,13 @@
     if (form) delete form.dataset.sending;
   });
 
-  // 409 (lease lost, campaign paused) and 422 (invalid ranking) carry a message meant for the
-  // rater; htmx does not swap 4xx responses unless told to.
-  root.addEventListener("htmx:beforeSwap", function (event) {
-    var code = event.detail.xhr.status;
-    if (code === 409 || code === 422) {
-      event.detail.shouldSwap = true;
-      event.detail.isError = false;
-    }
-  });
+  window.rlhfCards.bindRequestFeedback(root, "ranking");
 
   root.addEventListener("htmx:afterSwap", function (event) {
     if (event.detail.target && event.detail.target.id === "card") {
       status("");
       initCard();
     }
-  });
-
-  root.addEventListener("htmx:responseError", function (event) {
-    var code = event.detail.xhr.status;
-    if (code === 403) {
-      status("Not allowed, or your session changed. Reload the page to continue.");
-    } else if (code === 404) {
-      status("This campaign is not available to you any more.");
-    } else if (code === 429) {
-      status("Too many requests. Wait a moment and try again.");
-    } else {
-      status("The server had a problem (" + code + "). Your ranking may not be saved: try again.");
-    }
-  });
-
-  root.addEventListener("htmx:sendError", function () {
-    status("Cannot reach the server. Check your connection and submit again.");
   });
 
   initCard();

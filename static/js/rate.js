@@ -31,12 +31,7 @@
     return root.querySelector("form.judge");
   }
 
-  function status(message, kind) {
-    var box = document.getElementById("rate-status");
-    if (!box) return;
-    box.textContent = message || "";
-    box.className = "rate-status" + (message ? " notice " + (kind || "error") : "");
-  }
+  var status = window.rlhfCards.status;
 
   // -- decision time -----------------------------------------------------------------------
   // Counted from the moment both responses have been on screen, and only while the tab is
@@ -261,15 +256,7 @@
     if (form) delete form.dataset.sending;
   });
 
-  // 409 (lease lost, campaign paused) and 422 (invalid answer) carry a message meant for the
-  // rater; htmx does not swap 4xx responses unless told to. Scoped to this page only.
-  root.addEventListener("htmx:beforeSwap", function (event) {
-    var code = event.detail.xhr.status;
-    if (code === 409 || code === 422) {
-      event.detail.shouldSwap = true;
-      event.detail.isError = false;
-    }
-  });
+  window.rlhfCards.bindRequestFeedback(root, "answer");
 
   root.addEventListener("htmx:afterSwap", function (event) {
     if (event.detail.target && event.detail.target.id === "card") {
@@ -282,23 +269,6 @@
       var target = form && field ? form.querySelector('[name="' + CSS.escape(field) + '"]') : null;
       if (target && typeof target.focus === "function") target.focus();
     }
-  });
-
-  root.addEventListener("htmx:responseError", function (event) {
-    var code = event.detail.xhr.status;
-    if (code === 403) {
-      status("Not allowed, or your session changed. Reload the page to continue.");
-    } else if (code === 404) {
-      status("This campaign is not available to you any more.");
-    } else if (code === 429) {
-      status("Too many requests. Wait a moment and try again.");
-    } else {
-      status("The server had a problem (" + code + "). Your answer may not be saved: try again.");
-    }
-  });
-
-  root.addEventListener("htmx:sendError", function () {
-    status("Cannot reach the server. Check your connection and submit again.");
   });
 
   initCard();

@@ -634,6 +634,7 @@ def test_page_renders_hostile_outputs_inert():
     page = audit(html)
     assert page.problems == []
     assert sorted(s.get("src") for s in page.scripts) == [
+        "/static/js/card-feedback.js",
         "/static/js/rank.js",
         "/static/vendor/htmx/htmx.min.js",
     ]

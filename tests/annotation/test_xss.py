@@ -286,16 +286,17 @@ def test_rate_page_with_an_xss_corpus_has_nothing_executable(poisoned):
     text = "".join(page.text)
     assert "alert('xss-script')" in text
     assert "hx-on:click" in text
-    # Exactly our two scripts (htmx and rate.js) and the page config.
+    # Exactly our scripts (htmx, card-feedback.js, rate.js) and the page config.
     assert sorted(s.get("src") or s.get("id") for s in page.scripts) == [
+        "/static/js/card-feedback.js",
         "/static/js/rate.js",
         "/static/vendor/htmx/htmx.min.js",
         "rate-config",
     ]
     # Template syntax in data is shown, never evaluated: the literal is on the page and the
-    # nonce appears nowhere but in the two script tags.
+    # nonce appears nowhere but in the three script tags.
     assert TEMPLATE_LITERAL in text
-    assert html.count(nonce) == 2
+    assert html.count(nonce) == 3
     config = json.loads(
         page.script_bodies[[s.get("id") for s in page.scripts].index("rate-config")]
     )
