@@ -14,7 +14,9 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from annotation.models import Judgment
-from tests.training.helpers import add_judgments, judged_campaign, tiny_base_model
+from tests.conftest import make_campaign
+from tests.training.helpers import add_judgments, judge, judged_campaign, tiny_base_model
+from training.core.data import read_preference_jsonl
 from training.models import ModelVersion, RunMetric, RunStatus, TrainingRun
 from training.services import runs
 
@@ -263,9 +265,20 @@ def test_a_snapshot_is_a_function_of_its_cutoff(tmp_path: Path) -> None:
     assert (sha1, lines1) == (sha2, lines2) == (sha1, 8)
     assert (tmp_path / "1.jsonl").read_bytes() == (tmp_path / "2.jsonl").read_bytes()
     row = json.loads((tmp_path / "1.jsonl").read_text().splitlines()[0])
-    assert {"prompt", "chosen", "rejected", "margin", "weight"} <= set(row)
+    # The full format (ties kept as 0.5 targets), with the rater's weight.
+    assert {"prompt", "completion_a", "completion_b", "choice", "weight"} <= set(row)
     newer, _ = runs.snapshot_write(campaign=campaign, cutoff=cutoff + 4, path=tmp_path / "3.jsonl")
     assert newer != sha1
+
+
+def test_a_snapshot_keeps_ties_and_leaves_both_bad_out(tmp_path: Path) -> None:
+    campaign = make_campaign(comparisons=6, overlap=1)
+    judge(campaign, raters=1, choices=["a", "tie", "both_bad"])
+    cutoff = Judgment.objects.filter(campaign=campaign).latest("id").pk
+    _, lines = runs.snapshot_write(campaign=campaign, cutoff=cutoff, path=tmp_path / "s.jsonl")
+    pairs = read_preference_jsonl(tmp_path / "s.jsonl")
+    assert lines == len(pairs) == 4  # 2 x a, 2 x tie; the 2 both-bad judgments left out
+    assert sorted(p.label for p in pairs) == [0.5, 0.5, 1.0, 1.0]
 
 
 def test_a_resumed_attempt_reuses_the_same_snapshot(fake_train) -> None:

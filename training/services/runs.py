@@ -61,10 +61,10 @@ from training.models import (
 
 log = logging.getLogger(__name__)
 
-# TRL's conversational rows with the Dawid-Skene weight. Ties and both-bad have no line in it.
-# (The richer ``full`` format keeps ties, but training.core's reader does not yet accept its
-# ``completion_a: {id, text, source}`` objects.)
-SNAPSHOT_FORMAT = "trl"
+# The annotation app's ``full`` rows with the Dawid-Skene weight: ties stay in (the reward
+# model reads them as a 0.5 target); both-bad judgments are left out of the snapshot, since
+# they say nothing about which output is better, so every line is one training pair.
+SNAPSHOT_FORMAT = "full"
 LOG_TAIL_LINES = 40
 
 
@@ -384,9 +384,14 @@ def _weights_up_to(campaign: Campaign, cutoff: int) -> dict[int, float]:
 
 
 def snapshot_lines(*, campaign: Campaign, cutoff: int) -> Iterator[bytes]:
-    """The export lines of every judgment with id <= ``cutoff``, in id order."""
-    judgments = takewhile(
-        lambda j: j.pk <= cutoff, selectors.judgments_for_export(campaign=campaign)
+    """The export lines of every judgment with id <= ``cutoff``, in id order, both-bad ones
+    left out."""
+    judgments = (
+        j
+        for j in takewhile(
+            lambda j: j.pk <= cutoff, selectors.judgments_for_export(campaign=campaign)
+        )
+        if j.choice != "both_bad"
     )
     weights = _weights_up_to(campaign, cutoff)
     return formats.export_lines(judgments, fmt=SNAPSHOT_FORMAT, weights=weights)
