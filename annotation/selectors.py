@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
+from typing import TypeVar, cast
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
@@ -32,6 +32,7 @@ from annotation.models import (
 )
 
 AnyUser = User | AnonymousUser
+M = TypeVar("M", bound=models.Model)
 
 
 def user_roles(*, user: AnyUser, campaign: Campaign) -> set[str]:
@@ -271,18 +272,22 @@ def judgments_for_export(
     )
     if split:
         base = base.filter(comparison__prompt__split=split)
-    # Judgments are append-only: capping the ids at the start makes a long export a snapshot,
-    # not a file that keeps growing while raters work.
-    cutoff = Judgment.objects.filter(campaign=campaign).aggregate(m=Max("id"))["m"]
+    for chunk in snapshot_chunks(base, chunk_size=chunk_size):
+        yield from chunk
+
+
+def snapshot_chunks(base: QuerySet[M], *, chunk_size: int) -> Iterator[list[M]]:
+    """``base`` (ordered by id) in chunks by keyset pagination (id > last): flat memory, and
+    it works on every database, unlike a server-side cursor. The ids are capped at the
+    largest when it starts: rows are append-only, so a long export is a snapshot, not a file
+    that keeps growing while raters work."""
+    cutoff = base.aggregate(m=Max("id"))["m"]
     if cutoff is None:
         return
-    base = base.filter(id__lte=cutoff)
+    capped = base.filter(id__lte=cutoff)
     last_id = 0
-    while True:
-        chunk = list(base.filter(id__gt=last_id)[:chunk_size])
-        if not chunk:
-            return
-        yield from chunk
+    while chunk := list(capped.filter(id__gt=last_id)[:chunk_size]):
+        yield chunk
         last_id = chunk[-1].pk
 
 

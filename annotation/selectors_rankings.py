@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Max
 
 from annotation.models import Campaign, Completion, Ranking, RankingSlot, RankingTask, SlotStatus
+from annotation.selectors import snapshot_chunks
 
 
 @dataclass(frozen=True)
@@ -72,20 +72,11 @@ def rankings_for_export(
     base = Ranking.objects.filter(campaign=campaign).select_related("task__prompt").order_by("id")
     if split:
         base = base.filter(task__prompt__split=split)
-    cutoff = Ranking.objects.filter(campaign=campaign).aggregate(m=Max("id"))["m"]
-    if cutoff is None:
-        return
-    base = base.filter(id__lte=cutoff)
-    last_id = 0
-    while True:
-        chunk = list(base.filter(id__gt=last_id)[:chunk_size])
-        if not chunk:
-            return
+    for chunk in snapshot_chunks(base, chunk_size=chunk_size):
         ids = {i for ranking in chunk for i in ranking.order}
         texts = dict(Completion.objects.filter(pk__in=ids).values_list("pk", "text"))
         for ranking in chunk:
             yield ranking, texts
-        last_id = chunk[-1].pk
 
 
 def campaigns_with_ranking_tasks(*, campaign_ids: list[int]) -> set[int]:

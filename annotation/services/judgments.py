@@ -425,6 +425,11 @@ def _validate(
         raise InvalidJudgment("rationale contains a NUL character", field="rationale")
     if campaign.require_rationale and not rationale.strip():
         raise InvalidJudgment("this campaign asks for a rationale", field="rationale")
+    check_decision_ms_and_key(decision_ms=decision_ms, idempotency_key=idempotency_key)
+
+
+def check_decision_ms_and_key(*, decision_ms: int | None, idempotency_key: str | None) -> None:
+    """The checks every submit shares (judgments and rankings); errors name the field."""
     if decision_ms is not None and not (
         _is_int(decision_ms) and 0 <= decision_ms <= MAX_DECISION_MS
     ):

@@ -46,11 +46,10 @@ from annotation.models import (
     RankingTask,
     SlotStatus,
 )
+from annotation.services.judgments import check_decision_ms_and_key
 
 MIN_K = 3
 MAX_K = 9
-MAX_DECISION_MS = 24 * 3600 * 1000
-MAX_IDEMPOTENCY_KEY_CHARS = 64
 LEASE_ATTEMPTS = 3
 
 _rng = random.SystemRandom()
@@ -272,22 +271,6 @@ def _lease(
 # -- submitting -----------------------------------------------------------------------------------
 
 
-def _validate(*, decision_ms: int | None, idempotency_key: str | None) -> None:
-    if decision_ms is not None and not (
-        _is_int(decision_ms) and 0 <= decision_ms <= MAX_DECISION_MS
-    ):
-        raise InvalidJudgment(
-            f"decision_ms must be a whole number from 0 to {MAX_DECISION_MS}", field="decision_ms"
-        )
-    if idempotency_key is not None and not (
-        isinstance(idempotency_key, str) and len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
-    ):
-        raise InvalidJudgment(
-            f"idempotency_key must be text of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
-            field="idempotency_key",
-        )
-
-
 def _check_order(order: Any, *, completions: list[int]) -> list[int]:
     if not isinstance(order, list | tuple) or not all(_is_int(i) for i in order):
         raise InvalidJudgment("order must be a list of output ids, best first", field="order")
@@ -344,7 +327,7 @@ def ranking_submit(
     scrambled.
     """
     idempotency_key = idempotency_key or None
-    _validate(decision_ms=decision_ms, idempotency_key=idempotency_key)
+    check_decision_ms_and_key(decision_ms=decision_ms, idempotency_key=idempotency_key)
     now = now or timezone.now()
     try:
         with transaction.atomic():

@@ -1,5 +1,6 @@
-// What the rating and ranking pages share: the status line under the guidelines, and how
-// htmx requests of the card report back (4xx messages swapped in, errors worded for raters).
+// What the rating and ranking pages share: the status line under the guidelines, submitting
+// the card, and how htmx requests of the card report back (4xx messages swapped in, errors
+// worded for raters).
 //
 // Loaded as a file with the page's CSP nonce before rate.js / rank.js; it writes only its own
 // messages, with textContent.
@@ -11,6 +12,20 @@
     if (!box) return;
     box.textContent = message || "";
     box.className = "rate-status" + (message ? " notice " + (kind || "error") : "");
+  }
+
+  // Submits the card's form through htmx (once per request: a second press while it is on
+  // its way does nothing).
+  function submit(form) {
+    if (form.dataset.sending === "1") return;
+    // A card swapped in a moment ago may not be wired up by htmx yet (it finishes after the
+    // settle delay); submitting it then would be a plain form post and reload the page.
+    if (window.htmx) window.htmx.process(form);
+    if (typeof form.requestSubmit === "function") {
+      form.requestSubmit();
+    } else {
+      form.dispatchEvent(new Event("submit", { cancelable: true, bubbles: true }));
+    }
   }
 
   // ``what`` names the thing being submitted in the error messages ("answer", "ranking").
@@ -43,5 +58,5 @@
     });
   }
 
-  window.rlhfCards = { status: status, bindRequestFeedback: bindRequestFeedback };
+  window.rlhfCards = { status: status, submit: submit, bindRequestFeedback: bindRequestFeedback };
 })();

@@ -138,17 +138,7 @@
     return true;
   }
 
-  function submit(form) {
-    if (form.dataset.sending === "1") return;
-    // A card swapped in a moment ago may not be wired up by htmx yet (it finishes after the
-    // settle delay); submitting it then would be a plain form post and reload the page.
-    if (window.htmx) window.htmx.process(form);
-    if (typeof form.requestSubmit === "function") {
-      form.requestSubmit();
-    } else {
-      form.dispatchEvent(new Event("submit", { cancelable: true, bubbles: true }));
-    }
-  }
+  var submit = window.rlhfCards.submit;
 
   root.addEventListener("change", function (event) {
     var form = event.target.closest && event.target.closest("form.judge");
