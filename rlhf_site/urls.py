@@ -29,5 +29,7 @@ urlpatterns = [
         ),
         name="api-docs",
     ),
+    # The ML staff pages (/training/) and their API (/api/training/).
+    path("", include("training.urls")),
     path("", include("annotation.urls")),
 ]

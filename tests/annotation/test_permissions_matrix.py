@@ -68,6 +68,7 @@ CAN_CREATE_CAMPAIGNS = Access(perm="annotation.add_campaign")
 RATER = roles(Role.RATER)
 ADMIN = roles(Role.ADMIN)
 ADMIN_OR_ML = roles(Role.ADMIN, Role.ML_STAFF)
+ML_STAFF = roles(Role.ML_STAFF)
 OWNED_BY_ANOTHER = Access(owned=True)
 
 # Route name (namespaced) -> Access, or {method: Access} with "*" for the other methods.
@@ -122,6 +123,31 @@ ROUTES: dict[str, Access | dict[str, Access]] = {
     "annotation:api-progress": ADMIN_OR_ML,
     "annotation:api-export": ADMIN_OR_ML,
     "annotation:api-quality": ADMIN,
+    # training pages: admins and ML staff read, ML staff start, schedule and cancel
+    "training:index": SIGNED_IN,
+    "training:campaign": ADMIN_OR_ML,
+    "training:round_new": ML_STAFF,
+    "training:schedule": ML_STAFF,
+    "training:run": ADMIN_OR_ML,
+    "training:run_live": ADMIN_OR_ML,
+    "training:run_cancel": ML_STAFF,
+    "training:round": ADMIN_OR_ML,
+    "training:round_live": ADMIN_OR_ML,
+    "training:round_cancel": ML_STAFF,
+    "training:versions": SIGNED_IN,
+    "training:versions_compare": SIGNED_IN,
+    "training:version": ADMIN_OR_ML,
+    # training API
+    "training:api-rounds": {"POST": ML_STAFF, "*": ADMIN_OR_ML},
+    "training:api-schedule": {"PUT": ML_STAFF, "*": ADMIN_OR_ML},
+    "training:api-round": ADMIN_OR_ML,
+    "training:api-round-cancel": ML_STAFF,
+    "training:api-runs": SIGNED_IN,
+    "training:api-run": ADMIN_OR_ML,
+    "training:api-run-metrics": ADMIN_OR_ML,
+    "training:api-run-cancel": ML_STAFF,
+    "training:api-versions": SIGNED_IN,
+    "training:api-version": ADMIN_OR_ML,
 }
 
 # Routes that end the session: the matrix signs the caller in again after each call.
@@ -153,6 +179,10 @@ PATH_VALUES: dict[str, Callable[[Targets], object]] = {
     "slug": lambda t: t.world.campaign.slug,
     "slot_id": lambda t: t.bystander_slot.pk,
     "comparison_id": lambda t: t.bystander_slot.comparison_id,
+    # training: a round of the target campaign, its run, and the version the run made
+    "run_id": lambda t: _training_rows(t)["run"],
+    "round_id": lambda t: _training_rows(t)["round"],
+    "version_id": lambda t: _training_rows(t)["version"],
     # Django admin
     "object_id": lambda t: t.world.rater.pk,
     "id": lambda t: t.world.rater.pk,
@@ -160,6 +190,20 @@ PATH_VALUES: dict[str, Callable[[Targets], object]] = {
     "app_label": lambda t: "auth",
     "url": lambda t: "no-such-page/",
 }
+
+
+def _training_rows(targets: Targets) -> dict[str, int]:
+    from training.models import ModelVersion, Round, TrainingRun
+
+    if "run" not in targets.values:
+        campaign = targets.world.campaign
+        round_obj = Round.objects.create(campaign=campaign, number=1, status="running")
+        run = TrainingRun.objects.create(
+            campaign=campaign, kind="reward", round=round_obj, status="running"
+        )
+        version = ModelVersion.objects.create(kind="reward", name="rm", artifact="/x", run=run)
+        targets.values.update(run=str(run.pk), round=str(round_obj.pk), version=str(version.pk))
+    return {k: int(v) for k, v in targets.values.items()}
 
 
 # -- walking the URLconf ------------------------------------------------------------------------

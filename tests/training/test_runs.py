@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from annotation.models import Judgment
@@ -356,3 +357,106 @@ def test_the_task_asks_again_later_on_a_duplicate(monkeypatch) -> None:
     assert seen == [(7, runs.worker_name())]
     monkeypatch.setattr(runs, "run_execute", lambda **_: runs.Outcome.SUCCEEDED)
     assert run_training(7) == "succeeded"
+
+
+# -- cancel -------------------------------------------------------------------------------------
+
+
+def test_cancelling_a_queued_run_ends_it_at_once() -> None:
+    run = runs.run_create(campaign=judged_campaign(), kind="reward", config={"base_model": "/x"})
+    run = runs.run_cancel(run=run)
+    assert run.status == RunStatus.CANCELLED
+    assert run.finished_at is not None
+    assert "cancelled before it started" in run.log_tail
+    assert runs.run_execute(run_id=run.pk, worker="w:1") == runs.Outcome.TERMINAL
+    assert runs.run_cancel(run=run).status == RunStatus.CANCELLED  # twice is harmless
+
+
+def test_a_cancel_requested_while_the_worker_was_gone_ends_the_run() -> None:
+    run = runs.run_create(campaign=judged_campaign(), kind="reward", config={"base_model": "/x"})
+    TrainingRun.objects.filter(pk=run.pk).update(
+        status=RunStatus.RUNNING, worker=f"{runs.socket.gethostname()}:{_dead_pid()}", attempts=1
+    )
+    runs.run_cancel(run=run)
+    assert runs.run_execute(run_id=run.pk, worker="w:2") == runs.Outcome.CANCELLED
+    run.refresh_from_db()
+    assert (run.status, run.attempts) == (RunStatus.CANCELLED, 1)
+
+
+def test_a_service_step_stops_at_its_next_report_once_cancelled(monkeypatch) -> None:
+    """Generation reports after each batch; the report after a cancel raises, and the run
+    ends CANCELLED with what it finished kept."""
+    from training.services import progress
+
+    batches: list[int] = []
+
+    def generate(*, run: TrainingRun, report: progress.Reporter) -> dict[str, float]:
+        for done in range(1, 6):
+            batches.append(done)
+            if done == 2:
+                runs.run_cancel(run=run)
+            report(done, 5, mean_length=10.0 + done)
+        return {"completions": 5.0}
+
+    import training.services.candidates as candidates
+
+    monkeypatch.setattr(candidates, "generate_execute", generate)
+    run = runs.run_create(
+        campaign=judged_campaign(),
+        kind="generate",
+        config={"model": "/x", "source_name": "policy-x"},
+    )
+    assert runs.run_execute(run_id=run.pk, worker="w:1") == runs.Outcome.CANCELLED
+    run.refresh_from_db()
+    assert batches == [1, 2]
+    assert (run.status, run.step, run.total_steps) == (RunStatus.CANCELLED, 2, 5)
+    assert run.progress == pytest.approx(0.4)
+    assert list(
+        RunMetric.objects.filter(run=run, name="mean_length").values_list("step", "value")
+    ) == [(1, 11.0), (2, 12.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)  # the cancel comes from another connection
+def test_a_training_run_stops_at_its_next_step_once_cancelled(settings, tmp_path: Path) -> None:
+    """The heartbeat sees the request and leaves a STOP file; the trainer raises at its next
+    logged step. Nothing is registered."""
+    settings.TRAINING_HEARTBEAT_SECONDS = 1
+    base = tiny_base_model(tmp_path / "base")
+    campaign = judged_campaign(comparisons=6)
+    run = runs.run_create(
+        campaign=campaign,
+        kind="reward",
+        config={"base_model": str(base), "max_steps": 3000, "batch_size": 2, "max_length": 32},
+    )
+    timer = threading.Timer(3.0, lambda: runs.run_cancel(run=run))
+    timer.start()
+    try:
+        assert runs.run_execute(run_id=run.pk, worker="w:1") == runs.Outcome.CANCELLED
+    finally:
+        timer.cancel()
+        connection.close()
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    assert 0 < run.step < 3000
+    assert not ModelVersion.objects.filter(run=run).exists()
+    assert run.log_tail.splitlines()[-1].endswith("cancelled")
+
+
+def test_a_soft_time_limit_hands_the_run_back_for_a_resume(monkeypatch) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def work(*, run: TrainingRun, worker: str) -> dict[str, float]:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(runs, "_work", work)
+    run = runs.run_create(campaign=judged_campaign(), kind="reward", config={"base_model": "/x"})
+    assert runs.run_execute(run_id=run.pk, worker="w:1") == runs.Outcome.REQUEUE
+    run.refresh_from_db()
+    assert (run.status, run.heartbeat_at, run.attempts) == (RunStatus.RUNNING, None, 1)
+    assert "soft time limit" in run.log_tail
+    # The retry (same or another worker) claims it as a new attempt.
+    monkeypatch.setattr(runs, "_work", lambda *, run, worker: {"eval_accuracy": 0.5})
+    assert runs.run_execute(run_id=run.pk, worker="w:2") == runs.Outcome.SUCCEEDED
+    run.refresh_from_db()
+    assert run.attempts == 2

@@ -29,6 +29,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# A file of this name in the folder of ``metrics.jsonl`` asks the trainer to stop: the next
+# ``MetricsWriter.write`` raises ``StopRequested``. This is how a worker cancels a run from
+# another thread without signals, in every process of a multi-process run (the file is shared).
+STOP_FILE = "STOP"
+
+
+class StopRequested(Exception):
+    """Raised by ``MetricsWriter.write`` when ``STOP`` exists beside the metrics file."""
+
+
 class MetricsWriter:
     """Appends ``{"step", "time", **metrics}`` lines to ``path``; safe to reopen after a resume."""
 
@@ -50,6 +60,8 @@ class MetricsWriter:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if (self.path.parent / STOP_FILE).exists():
+            raise StopRequested(f"stop requested at step {step}")
         if self._file is None:
             return
         row = {"step": step, "time": round(time.time(), 3)}

@@ -42,22 +42,27 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Any, cast
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
 from annotation import formats, quality, selectors
-from annotation.models import Campaign, Judgment
+from annotation.models import Campaign, Judgment, Prompt, SourceKind, Split
+from annotation.services.items import source_get_or_create
+from training.core.tracking import STOP_FILE, StopRequested
 from training.models import (
     ACTIVE_STATUSES,
     ModelKind,
     ModelVersion,
+    Round,
     RunKind,
     RunMetric,
     RunStatus,
     TrainingRun,
 )
+from training.services.progress import Reporter, RunCancelled
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,12 @@ class Outcome(enum.StrEnum):
     GAVE_UP = "gave_up"
     DUPLICATE = "duplicate"
     TERMINAL = "terminal"
+    CANCELLED = "cancelled"
+    REQUEUE = "requeue"
+
+
+# Outcomes after which the run is over (a round moves on from these).
+FINISHED_OUTCOMES = (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.GAVE_UP, Outcome.CANCELLED)
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -115,8 +126,120 @@ REWARD_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "device": str,
     "dtype": str,
 }
-CONFIG_KEYS = {RunKind.REWARD: REWARD_CONFIG_KEYS}
-REQUIRED_KEYS = {RunKind.REWARD: ("base_model",)}
+_NUMBER = (int, float)
+_TRAINER_KEYS: dict[str, type | tuple[type, ...]] = {
+    "base_model": str,
+    "max_steps": int,
+    "batch_size": int,
+    "grad_accum": int,
+    "learning_rate": _NUMBER,
+    "lr_schedule": str,
+    "warmup_steps": int,
+    "weight_decay": _NUMBER,
+    "max_length": int,
+    "max_prompt_length": int,
+    "save_every": int,
+    "log_every": int,
+    "seed": int,
+    "lora": bool,
+    "lora_r": int,
+    "lora_alpha": int,
+    "gradient_checkpointing": bool,
+    "device": str,
+    "dtype": str,
+}
+_SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
+    "max_new_tokens": int,
+    "temperature": _NUMBER,
+    "batch_size": int,
+    "seed": int,
+    "device": str,
+}
+_OPTIONAL_INT = (int, type(None))
+CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    RunKind.REWARD: REWARD_CONFIG_KEYS,
+    RunKind.DPO: {
+        **_TRAINER_KEYS,
+        "reference_model": str,
+        "beta": _NUMBER,
+        "loss_type": str,
+        "label_smoothing": _NUMBER,
+        "kl_prompts": int,
+        "kl_samples": int,
+        "kl_max_new_tokens": int,
+    },
+    RunKind.PPO: {
+        **_TRAINER_KEYS,
+        "reward_model": str,
+        "ref_model": str,
+        "kl_coef": _NUMBER,
+        "max_new_tokens": int,
+        "temperature": _NUMBER,
+        "num_ppo_epochs": int,
+        "num_minibatches": int,
+        "split": str,
+        "prompts_per_round": int,
+    },
+    RunKind.EVAL: {
+        **_SAMPLING_KEYS,
+        "base_model": str,
+        "ref_model": str,
+        "reward_model": str,
+        "baseline_model": str,
+        "num_samples": int,
+        "eval_prompts": int,
+        "split": str,
+        "max_prompt_length": int,
+        "dtype": str,
+    },
+    RunKind.GENERATE: {
+        **_SAMPLING_KEYS,
+        "model": str,
+        "source_name": str,
+        "round_number": _OPTIONAL_INT,
+        "num_samples": int,
+        "top_p": _NUMBER,
+        "split": str,
+        "prompts_per_round": int,
+        "strategy": str,
+        "previous_source": str,
+        "previous_model": str,
+        "reward_model": str,
+        "pairs_per_prompt": int,
+        "critiques": bool,
+        "dtype": str,
+        "max_prompt_length": int,
+        "max_length": int,
+    },
+    RunKind.CRITIQUE: {
+        **_SAMPLING_KEYS,
+        "model": str,
+        "critic_name": str,
+        "template": str,
+        "round_number": _OPTIONAL_INT,
+        "top_p": _NUMBER,
+        "dtype": str,
+        "max_prompt_length": int,
+    },
+}
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    RunKind.REWARD: ("base_model",),
+    RunKind.DPO: ("base_model",),
+    RunKind.PPO: ("base_model", "reward_model"),
+    RunKind.EVAL: ("base_model",),
+    RunKind.GENERATE: ("model", "source_name"),
+    RunKind.CRITIQUE: ("model", "critic_name"),
+}
+# Kinds whose success registers a model version, and of which kind.
+VERSION_KINDS: dict[str, str] = {
+    RunKind.REWARD: ModelKind.REWARD,
+    RunKind.DPO: ModelKind.POLICY,
+    RunKind.PPO: ModelKind.POLICY,
+}
+
+
+def _as_tuple(expected: type | tuple[type, ...]) -> tuple[type, ...]:
+    return expected if isinstance(expected, tuple) else (expected,)
 
 
 def run_config_clean(*, kind: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +247,7 @@ def run_config_clean(*, kind: str, config: dict[str, Any]) -> dict[str, Any]:
     problem."""
     if kind not in CONFIG_KEYS:
         raise RunError(f"unknown run kind {kind!r}; expected one of {', '.join(CONFIG_KEYS)}")
-    allowed = CONFIG_KEYS[RunKind(kind)]
+    allowed = CONFIG_KEYS[kind]
     problems = []
     for key in sorted(config):
         if key not in allowed:
@@ -133,13 +256,13 @@ def run_config_clean(*, kind: str, config: dict[str, Any]) -> dict[str, Any]:
         expected = allowed[key]
         value = config[key]
         # bool is an int in Python; an int field must not take True.
-        if isinstance(value, bool) and expected is not bool:
+        if isinstance(value, bool) and expected is not bool and bool not in _as_tuple(expected):
             problems.append(f"{key}: expected a number, got {value!r}")
         elif not isinstance(value, expected):
             names = expected if isinstance(expected, tuple) else (expected,)
             want = " or ".join(t.__name__ for t in names)
             problems.append(f"{key}: expected {want}, got {type(value).__name__}")
-    for key in REQUIRED_KEYS[RunKind(kind)]:
+    for key in REQUIRED_KEYS[kind]:
         if key not in config:
             problems.append(f"{key}: required")
     for key, low in (("max_steps", -1), ("batch_size", 1), ("save_every", 0), ("log_every", 1)):
@@ -148,6 +271,20 @@ def run_config_clean(*, kind: str, config: dict[str, Any]) -> dict[str, Any]:
             problems.append(f"{key}: must be at least {low}")
     if config.get("max_steps") == 0:
         problems.append("max_steps: must be positive, or -1 for whole epochs")
+    if not problems and kind in (RunKind.GENERATE, RunKind.CRITIQUE):
+        # Their own checks (strategy, template placeholders), so a bad one fails now rather
+        # than in the worker.
+        from training.services import candidates, critiques
+
+        check = (
+            candidates.generate_settings
+            if kind == RunKind.GENERATE
+            else critiques.critique_settings
+        )
+        try:
+            check(config)
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         raise RunError("invalid run config: " + "; ".join(problems))
     return dict(config)
@@ -163,11 +300,15 @@ def run_create(
     config: dict[str, Any],
     created_by: Any = None,
     enqueue: Callable[[int], object] | None = None,
+    round: Round | None = None,
+    input_version: ModelVersion | None = None,
+    judgment_cutoff: int | None = None,
 ) -> TrainingRun:
     """A queued run; ``enqueue(run_id)`` is called once the transaction commits.
 
     The database allows one queued-or-running run per campaign and kind: a second one raises
-    ``RunAlreadyActive`` ("skipped: ...") instead of starting twice.
+    ``RunAlreadyActive`` ("skipped: ...") instead of starting twice. ``judgment_cutoff`` pins
+    the snapshot (a round's runs all learn from the judgments up to the round's cutoff).
     """
     clean = run_config_clean(kind=kind, config=config)
     try:
@@ -176,6 +317,9 @@ def run_create(
                 campaign=campaign,
                 kind=kind,
                 config=clean,
+                round=round,
+                input_version=input_version,
+                judgment_cutoff=judgment_cutoff,
                 created_by=created_by if getattr(created_by, "pk", None) else None,
             )
     except IntegrityError as exc:
@@ -192,6 +336,28 @@ def run_create(
     if enqueue is not None:
         run_id = run.pk
         transaction.on_commit(lambda: enqueue(run_id))
+    return run
+
+
+def run_cancel(*, run: TrainingRun) -> TrainingRun:
+    """Stop a run. A queued one is cancelled at once (its message finds it terminal); a
+    running one is asked to stop: its worker notices within a heartbeat (a trainer at its next
+    logged step, generation at its next batch) and marks it cancelled. Finished runs are left
+    as they are."""
+    with transaction.atomic():
+        run = TrainingRun.objects.select_for_update().get(pk=run.pk)
+        if run.is_terminal or run.cancel_requested:
+            return run
+        run.cancel_requested = True
+        fields = ["cancel_requested", "log_tail"]
+        if run.status == RunStatus.QUEUED:
+            run.status = RunStatus.CANCELLED
+            run.finished_at = timezone.now()
+            fields += ["status", "finished_at"]
+            run.log_tail = _append_tail(run.log_tail, "cancelled before it started")
+        else:
+            run.log_tail = _append_tail(run.log_tail, "cancel requested")
+        run.save(update_fields=fields)
     return run
 
 
@@ -237,6 +403,10 @@ def _claim(run_id: int, worker: str) -> tuple[Outcome | None, TrainingRun]:
         if run.is_terminal:
             log.info("run %s is %s: nothing to do", run.pk, run.status)
             return Outcome.TERMINAL, run
+        if run.cancel_requested and not run_is_alive(run, now=now):
+            # Asked to stop while its worker was gone: nothing to resume.
+            _set_cancelled(run, now)
+            return Outcome.CANCELLED, run
         if run.worker != worker and run_is_alive(run, now=now):
             log.warning(
                 "run %s: duplicate delivery; %s holds it (heartbeat %s)",
@@ -285,27 +455,42 @@ def _claim(run_id: int, worker: str) -> tuple[Outcome | None, TrainingRun]:
 
 
 def run_execute(*, run_id: int, worker: str | None = None) -> Outcome:
-    """Claim the run, snapshot its data, train (resuming from a checkpoint), register the
-    model. Idempotent; see the module docstring for every case."""
+    """Claim the run, do its work (resuming from a checkpoint), record the results and any
+    model it made. Idempotent; see the module docstring for every case."""
     worker = worker or worker_name()
     outcome, run = _claim(run_id, worker)
     if outcome is not None:
         return outcome
     try:
-        snapshot_ensure(run=run)
-        metrics = _train(run=run, worker=worker)
+        results = _work(run=run, worker=worker)
+    except (RunCancelled, StopRequested):
+        _finish_cancelled(run.pk, worker)
+        return Outcome.CANCELLED
+    except SoftTimeLimitExceeded:
+        # Out of time for this attempt, not broken: hand the run back so the task's retry
+        # resumes it from its newest checkpoint (attempts still count, so it cannot loop).
+        _release(run.pk, worker, "the soft time limit was reached; resuming from a checkpoint")
+        return Outcome.REQUEUE
     except Exception as exc:
         log.exception("run %s failed", run.pk)
         _finish_failed(run.pk, worker, f"{type(exc).__name__}: {exc}")
         return Outcome.FAILED
-    _finish_succeeded(run.pk, worker, metrics)
+    _finish_succeeded(run.pk, worker, results)
     return Outcome.SUCCEEDED
+
+
+def _locked_if_mine(run_id: int, worker: str) -> TrainingRun | None:
+    """The run, locked, if this worker still holds it and it is not finished."""
+    run = TrainingRun.objects.select_for_update().get(pk=run_id)
+    if run.worker != worker or run.is_terminal:
+        return None
+    return run
 
 
 def _finish_failed(run_id: int, worker: str, error: str) -> None:
     with transaction.atomic():
-        run = TrainingRun.objects.select_for_update().get(pk=run_id)
-        if run.worker != worker or run.is_terminal:
+        run = _locked_if_mine(run_id, worker)
+        if run is None:
             return
         run.status = RunStatus.FAILED
         run.error = error[:4000]
@@ -314,19 +499,59 @@ def _finish_failed(run_id: int, worker: str, error: str) -> None:
         run.save(update_fields=["status", "error", "finished_at", "log_tail"])
 
 
-def _finish_succeeded(run_id: int, worker: str, metrics: dict[str, Any]) -> None:
+def _set_cancelled(run: TrainingRun, now: Any) -> None:
+    run.status = RunStatus.CANCELLED
+    run.finished_at = now
+    run.log_tail = _append_tail(run.log_tail, "cancelled")
+    run.save(update_fields=["status", "finished_at", "log_tail"])
+
+
+def _finish_cancelled(run_id: int, worker: str) -> None:
     with transaction.atomic():
-        run = TrainingRun.objects.select_for_update().select_related("campaign").get(pk=run_id)
-        if run.worker != worker or run.is_terminal:
+        run = _locked_if_mine(run_id, worker)
+        if run is not None:
+            _set_cancelled(run, timezone.now())
+
+
+def _release(run_id: int, worker: str, why: str) -> None:
+    """Leave the run RUNNING with no heartbeat: the next delivery claims and resumes it."""
+    with transaction.atomic():
+        run = _locked_if_mine(run_id, worker)
+        if run is None:
             return
-        ModelVersion.objects.create(
-            kind=ModelKind.REWARD,
-            name=f"{run.campaign.slug}-reward-run{run.pk}",
-            base_model=str(run.config.get("base_model", "")),
-            artifact=run.output_dir,
-            metrics=metrics,
-            run=run,
-        )
+        run.heartbeat_at = None
+        run.log_tail = _append_tail(run.log_tail, f"attempt {run.attempts}: {why}")
+        run.save(update_fields=["heartbeat_at", "log_tail"])
+
+
+def version_name(run: TrainingRun) -> str:
+    return f"{run.campaign.slug}-{VERSION_KINDS[run.kind]}-run{run.pk}"
+
+
+def _finish_succeeded(run_id: int, worker: str, results: dict[str, Any]) -> None:
+    with transaction.atomic():
+        run = _locked_if_mine(run_id, worker)
+        if run is None:
+            return
+        if run.kind in VERSION_KINDS:
+            kind = VERSION_KINDS[run.kind]
+            name = version_name(run)
+            source = (
+                source_get_or_create(name=name, kind=SourceKind.POLICY)
+                if kind == ModelKind.POLICY
+                else None
+            )
+            ModelVersion.objects.create(
+                kind=kind,
+                name=name,
+                base_model=str(run.config.get("base_model", "")),
+                parent=run.input_version,
+                artifact=run.output_dir,
+                metrics=results,
+                run=run,
+                source=source,
+            )
+        run.results = results
         run.status = RunStatus.SUCCEEDED
         run.progress = 1.0
         run.step = run.total_steps
@@ -336,6 +561,7 @@ def _finish_succeeded(run_id: int, worker: str, metrics: dict[str, Any]) -> None
         run.log_tail = _append_tail(run.log_tail, f"attempt {run.attempts} succeeded")
         run.save(
             update_fields=[
+                "results",
                 "status",
                 "progress",
                 "step",
@@ -545,36 +771,197 @@ class _Heartbeat(threading.Thread):
         ).update(**fields)
         # Only now: lines whose write failed are read again on the next beat.
         self.offset = offset
+        if TrainingRun.objects.filter(pk=self.run_id, cancel_requested=True).exists():
+            # The trainer stops at its next logged step (``MetricsWriter`` sees the file).
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            (self.metrics_path.parent / STOP_FILE).touch()
 
 
 def _total_steps(config: Any, pairs: int) -> int:
     if config.max_steps > 0:
         return int(config.max_steps)
-    train = pairs - (max(1, round(pairs * config.eval_fraction)) if config.eval_fraction else 0)
+    eval_fraction = getattr(config, "eval_fraction", 0.0)
+    train = pairs - (max(1, round(pairs * eval_fraction)) if eval_fraction else 0)
     return max(1, math.ceil(config.num_epochs * max(1, train) / config.batch_size))
+
+
+def prompts_write(*, campaign: Campaign, split: str, limit: int, path: Path) -> int:
+    """The campaign's prompts of ``split`` (the train split when it has none), oldest first,
+    at most ``limit`` (0: all), as ``{"prompt": [...messages]}`` lines; returns how many."""
+    prompts = Prompt.objects.filter(campaign=campaign).order_by("id")
+    chosen = prompts.filter(split=split)
+    if not chosen.exists():
+        chosen = prompts.filter(split=Split.TRAIN)
+    if limit > 0:
+        chosen = chosen[:limit]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for messages, external_id, pk in chosen.values_list("messages", "external_id", "pk"):
+            f.write(json.dumps({"prompt": messages, "id": external_id or str(pk)}) + "\n")
+            count += 1
+    os.replace(tmp, path)
+    if count == 0:
+        raise RunError("the campaign has no prompts")
+    return count
+
+
+# What each trainer kind reads from the run's config beyond its core config's own fields.
+_SERVICE_KEYS = {"base_model", "reward_model", "split", "prompts_per_round", "eval_prompts"}
+
+
+def _core_config(run: TrainingRun, out: Path) -> tuple[Any, Callable[[Any], dict[str, Any]]]:
+    """The ``training.core`` config and entry point of a trainer run."""
+    config: Any
+    options: dict[str, Any] = {k: v for k, v in run.config.items() if k not in _SERVICE_KEYS}
+    common: dict[str, Any] = {
+        "model": str(run.config["base_model"]),
+        "output_dir": str(out),
+        "resume": True,
+    }
+    if run.kind == RunKind.REWARD:
+        from training.core import reward
+
+        config = reward.RewardConfig(data=run.dataset_path, **common, **options)
+        return config, reward.run
+    if run.kind == RunKind.DPO:
+        from training.core import dpo
+
+        # The snapshot's held-out share is not split off here: the round's evaluation step
+        # measures the policy on held-out prompts, and the reward run holds out judgments.
+        config = dpo.DPOConfig(data=run.dataset_path, **common, **options)
+        return config, dpo.run
+    if run.kind == RunKind.PPO:
+        from training.core import ppo
+
+        prompts = run_folder(run) / "prompts.jsonl"
+        prompts_write(
+            campaign=run.campaign,
+            split=str(run.config.get("split", Split.TRAIN)),
+            limit=int(run.config.get("prompts_per_round", 0)),
+            path=prompts,
+        )
+        config = ppo.PPOConfig(
+            data=str(prompts), reward=str(run.config["reward_model"]), **common, **options
+        )
+        return config, ppo.run
+    if run.kind == RunKind.EVAL:
+        from training.core import evaluate
+
+        prompts = run_folder(run) / "eval_prompts.jsonl"
+        prompts_write(
+            campaign=run.campaign,
+            split=str(run.config.get("split", Split.EVAL)),
+            limit=int(run.config.get("eval_prompts", 0)),
+            path=prompts,
+        )
+        config = evaluate.EvaluateConfig(
+            task="policy",
+            data=str(prompts),
+            reward_model=str(run.config.get("reward_model", "")),
+            max_steps=1,
+            **common,
+            **options,
+        )
+        return config, evaluate.run
+    raise RunError(f"{run.kind} runs are not trainer runs")
+
+
+def _work(*, run: TrainingRun, worker: str) -> dict[str, Any]:
+    if run.kind in (RunKind.REWARD, RunKind.DPO):
+        snapshot_ensure(run=run)
+    if run.kind in (RunKind.GENERATE, RunKind.CRITIQUE):
+        return _service_step(run=run, worker=worker)
+    return _train(run=run, worker=worker)
+
+
+def _reporter(run: TrainingRun, worker: str) -> Reporter:
+    """Progress of a step that runs in the service: heartbeat, step, progress and metrics
+    rows after each batch; raises ``RunCancelled`` once a cancel was requested."""
+
+    def report(done: int, total: int, /, **metrics: float) -> None:
+        rows = [
+            RunMetric(run_id=run.pk, step=done, name=name[:64], value=float(value))
+            for name, value in metrics.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        ]
+        if rows:
+            RunMetric.objects.bulk_create(
+                rows,
+                update_conflicts=True,
+                unique_fields=["run", "step", "name"],
+                update_fields=["value"],
+            )
+        TrainingRun.objects.filter(pk=run.pk, worker=worker, status=RunStatus.RUNNING).update(
+            step=done,
+            total_steps=total,
+            progress=min(1.0, done / total) if total else 0.0,
+            heartbeat_at=timezone.now(),
+        )
+        log.info("run %s (%s): %d/%d", run.pk, run.kind, done, total)
+        if TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists():
+            raise RunCancelled(f"cancel requested at {done}/{total}")
+
+    return report
+
+
+def _service_step(*, run: TrainingRun, worker: str) -> dict[str, Any]:
+    """Candidate generation and critiques run here (they write rows as they go), with a
+    heartbeat thread that keeps the run alive while one long batch decodes."""
+    out = run_folder(run)
+    TrainingRun.objects.filter(pk=run.pk).update(output_dir=str(out))
+    run.output_dir = str(out)
+    with _heartbeat_running(run, worker, out / "metrics.jsonl", 0):
+        if run.kind == RunKind.GENERATE:
+            from training.services.candidates import generate_execute
+
+            results = generate_execute(run=run, report=_reporter(run, worker))
+        else:
+            from training.services.critiques import critique_execute
+
+            results = critique_execute(run=run, report=_reporter(run, worker))
+    return {k: v for k, v in results.items() if isinstance(v, int | float | str | None)}
+
+
+@contextlib.contextmanager
+def _heartbeat_running(
+    run: TrainingRun, worker: str, metrics_path: Path, total: int
+) -> Iterator[_Heartbeat]:
+    heartbeat = _Heartbeat(run, worker, metrics_path, total)
+    tail = _TailHandler()
+    tail.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    heartbeat.tail = tail
+    loggers = [logging.getLogger("training.core"), logging.getLogger("training.services")]
+    for logger in loggers:
+        logger.addHandler(tail)
+    heartbeat.start()
+    try:
+        yield heartbeat
+    finally:
+        for logger in loggers:
+            logger.removeHandler(tail)
+        heartbeat.stop_event.set()
+        heartbeat.join(timeout=30)
+        if not connection.in_atomic_block:
+            # Hours of work may have outlived the connection (server restart, timeout).
+            close_old_connections()
+    heartbeat.beat()  # the last metrics lines, in this thread's connection
 
 
 def _train(*, run: TrainingRun, worker: str) -> dict[str, Any]:
     # Imported here: torch and transformers load only in the worker that trains.
     from training.core.checkpoint import find_resumable
-    from training.core.reward import RewardConfig
-    from training.core.reward import run as reward_run
 
     out = run_folder(run) / "model"
-    options = {k: v for k, v in run.config.items() if k != "base_model"}
-    config = RewardConfig(
-        model=str(run.config["base_model"]),
-        data=run.dataset_path,
-        output_dir=str(out),
-        resume=True,
-        **options,
-    )
-    total = _total_steps(config, run.dataset_pairs)
+    (out / STOP_FILE).unlink(missing_ok=True)  # a stale request from a released attempt
+    config, trainer = _core_config(run, out)
+    total = _total_steps(config, run.dataset_pairs) if run.kind != RunKind.EVAL else 1
     resume_from = find_resumable(out)
     note = (
         f"attempt {run.attempts}: resuming from checkpoint step {int(resume_from.name[5:])}"
         if resume_from is not None
-        else f"attempt {run.attempts}: training from step 0"
+        else f"attempt {run.attempts}: {run.kind} training from step 0"
     )
     if resume_from is None and out.exists():
         # Files of an attempt that died before its first checkpoint: start clean.
@@ -585,24 +972,8 @@ def _train(*, run: TrainingRun, worker: str) -> dict[str, Any]:
     )
     run.output_dir, run.total_steps = str(out), total
     log.info("run %s: %s", run.pk, note)
-
-    heartbeat = _Heartbeat(run, worker, out / "metrics.jsonl", total)
-    tail = _TailHandler()
-    tail.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    heartbeat.tail = tail
-    core_logger = logging.getLogger("training.core")
-    core_logger.addHandler(tail)
-    heartbeat.start()
-    try:
-        metrics = reward_run(config)
-    finally:
-        core_logger.removeHandler(tail)
-        heartbeat.stop_event.set()
-        heartbeat.join(timeout=30)
-        if not connection.in_atomic_block:
-            # Hours of training may have outlived the connection (server restart, timeout).
-            close_old_connections()
-    heartbeat.beat()  # the last metrics lines, in this thread's connection
+    with _heartbeat_running(run, worker, out / "metrics.jsonl", total):
+        metrics = trainer(config)
     eval_path = out / "eval.json"
     if eval_path.is_file():
         metrics = json.loads(eval_path.read_text(encoding="utf-8"))
