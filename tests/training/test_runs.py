@@ -460,3 +460,45 @@ def test_a_soft_time_limit_hands_the_run_back_for_a_resume(monkeypatch) -> None:
     assert runs.run_execute(run_id=run.pk, worker="w:2") == runs.Outcome.SUCCEEDED
     run.refresh_from_db()
     assert run.attempts == 2
+
+
+@pytest.mark.slow
+def test_a_run_with_two_processes_trains_through_the_launcher(settings, tmp_path: Path) -> None:
+    """``processes`` > 1: the worker starts the same trainer under the launcher (torchrun,
+    two gloo processes on CPU) and reads its metrics file as usual."""
+    settings.TRAINING_HEARTBEAT_SECONDS = 1
+    base = tiny_base_model(tmp_path / "base")
+    run = runs.run_create(
+        campaign=judged_campaign(comparisons=8),
+        kind="reward",
+        config={
+            "base_model": str(base),
+            "max_steps": 3,
+            "batch_size": 4,
+            "max_length": 32,
+            "device": "cpu",
+            "processes": 2,
+        },
+    )
+    assert runs.run_execute(run_id=run.pk) == runs.Outcome.SUCCEEDED
+    run.refresh_from_db()
+    assert (run.status, run.step, run.total_steps) == ("succeeded", 3, 3)
+    assert "launching" in run.log_tail
+    assert "--nproc_per_node=2" in run.log_tail
+    config = json.loads((Path(run.output_dir).parent / "reward-config.json").read_text())
+    assert config["model"] == str(base)
+    version = ModelVersion.objects.get(run=run)
+    assert Path(version.artifact, "model.safetensors").is_file()
+    assert [m.step for m in RunMetric.objects.filter(run=run, name="loss")] == [1, 2, 3]
+
+
+def test_a_launcher_that_fails_fails_the_run_with_its_output(settings, tmp_path: Path) -> None:
+    settings.TRAINING_LAUNCHER = "{python} -c 'import sys; print(\"no GPUs here\"); sys.exit(3)'"
+    run = runs.run_create(
+        campaign=judged_campaign(),
+        kind="reward",
+        config={"base_model": str(tmp_path), "max_steps": 2, "processes": 2},
+    )
+    assert runs.run_execute(run_id=run.pk) == runs.Outcome.FAILED
+    run.refresh_from_db()
+    assert run.error.startswith("RuntimeError: the launcher exited with 3: no GPUs here")

@@ -44,6 +44,11 @@ class CommonConfig:
     lora_alpha: int = opt(16, "LoRA alpha.")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
     lora_target_modules: str = opt("all-linear", "Comma-separated module names or all-linear.")
+    lora_top_layers: int = opt(
+        0,
+        "Adapters in the top N transformer layers only (0: every layer). Backward then stops "
+        "below them: on a CPU a step costs a fraction.",
+    )
     save_every: int = opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")
     resume: bool = opt(True, "Resume from output_dir/checkpoint if one exists.")
     log_every: int = opt(1, "Append a metrics line every N steps.")

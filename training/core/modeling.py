@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -319,6 +320,9 @@ def _score_head(model: nn.Module) -> nn.Linear:
     raise ValueError(f"cannot find the scalar head of {type(model).__name__}")
 
 
+_IN_BLOCK = re.compile(r"\.(layers|h|blocks)\.\d+\.")
+
+
 def apply_lora(model: nn.Module, config: CommonConfig, task_type: str) -> Any:
     """Wrap ``model`` with LoRA adapters from the common ``lora_*`` fields.
 
@@ -330,12 +334,29 @@ def apply_lora(model: nn.Module, config: CommonConfig, task_type: str) -> Any:
     targets: str | list[str] = config.lora_target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in str(targets).split(",") if t.strip()]
+    layers: list[int] | None = None
+    if config.lora_top_layers > 0:
+        total = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
+        if total == 0:
+            raise ValueError("lora_top_layers: the model does not say how many layers it has")
+        layers = list(range(max(0, total - config.lora_top_layers), total))
+        if targets == "all-linear":
+            # peft takes a layer subset only with named modules: every linear leaf of the
+            # transformer blocks (so not the LM or reward head).
+            targets = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, module in model.named_modules()
+                    if isinstance(module, nn.Linear) and _IN_BLOCK.search(name)
+                }
+            )
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
         task_type=task_type,
+        layers_to_transform=layers,
     )
     return get_peft_model(model, lora)
 

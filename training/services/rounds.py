@@ -83,9 +83,14 @@ ROUND_CONFIG_FIELDS: dict[str, tuple[type, Any, str]] = {
     ),
     "reward_base_model": (str, "", "Backbone of the reward model. Empty: the policy model."),
     "kl_coef": (float, 0.1, "KL coefficient: DPO's beta, or PPO's KL penalty."),
-    "reward_steps": (int, 30, "Reward-model optimiser steps."),
-    "policy_steps": (int, 12, "Policy optimiser steps (DPO) or rollout batches (PPO)."),
+    "reward_steps": (int, 12, "Reward-model optimiser steps."),
+    "policy_steps": (int, 8, "Policy optimiser steps (DPO) or rollout batches (PPO)."),
     "lora": (bool, True, "Train LoRA adapters (merged when saved) instead of all weights."),
+    "lora_top_layers": (
+        int,
+        8,
+        "With LoRA: adapters in the top N layers only (0: every layer); much faster on a CPU.",
+    ),
     "learning_rate": (float, 5e-5, "Policy learning rate."),
     "reward_learning_rate": (float, 5e-5, "Reward-model learning rate."),
     "batch_size": (int, 4, "Pairs (DPO, reward) or prompts (PPO) per step."),
@@ -102,7 +107,7 @@ ROUND_CONFIG_FIELDS: dict[str, tuple[type, Any, str]] = {
     "prompts_per_round": (int, 0, "Prompts that get new candidates (0: all train prompts)."),
     "pairs_per_prompt": (int, 2, "Comparisons built per prompt."),
     "eval_prompts": (int, 8, "Held-out prompts for the KL and win-rate figures."),
-    "max_length": (int, 192, "Most tokens of prompt + answer in training."),
+    "max_length": (int, 128, "Most tokens of prompt + answer in training."),
     "seed": (int, 0, "Random seed of every step."),
     "critiques": (bool, True, "Write critiques of the new candidates (critique campaigns)."),
     "device": (str, "auto", "auto, cpu, cuda or cuda:N."),
@@ -141,7 +146,7 @@ def round_config_clean(config: dict[str, Any]) -> dict[str, Any]:
     for name in ("max_new_tokens", "max_length", "pairs_per_prompt"):
         if isinstance(clean.get(name), int) and clean[name] < 1:
             problems.append(f"{name}: must be at least 1")
-    for name in ("prompts_per_round", "eval_prompts", "seed"):
+    for name in ("prompts_per_round", "eval_prompts", "seed", "lora_top_layers"):
         if isinstance(clean.get(name), int) and clean[name] < 0:
             problems.append(f"{name}: must not be negative")
     for name in ("kl_coef", "learning_rate", "reward_learning_rate"):
@@ -373,6 +378,7 @@ def _stage_config(round_obj: Round, stage: str) -> tuple[str, dict[str, Any], An
                 "max_length": c["max_length"],
                 "eval_fraction": 0.2,
                 "lora": c["lora"],
+                "lora_top_layers": c["lora_top_layers"],
                 "save_every": max(5, c["reward_steps"] // 4),
             },
             None,
@@ -386,6 +392,7 @@ def _stage_config(round_obj: Round, stage: str) -> tuple[str, dict[str, Any], An
             "learning_rate": c["learning_rate"],
             "max_length": c["max_length"],
             "lora": c["lora"],
+            "lora_top_layers": c["lora_top_layers"],
             "save_every": max(2, c["policy_steps"] // 4),
         }
         if c["algorithm"] == "ppo":

@@ -122,6 +122,8 @@ REWARD_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "lora": bool,
     "lora_r": int,
     "lora_alpha": int,
+    "lora_top_layers": int,
+    "processes": int,
     "gradient_checkpointing": bool,
     "device": str,
     "dtype": str,
@@ -144,6 +146,8 @@ _TRAINER_KEYS: dict[str, type | tuple[type, ...]] = {
     "lora": bool,
     "lora_r": int,
     "lora_alpha": int,
+    "lora_top_layers": int,
+    "processes": int,
     "gradient_checkpointing": bool,
     "device": str,
     "dtype": str,
@@ -808,7 +812,14 @@ def prompts_write(*, campaign: Campaign, split: str, limit: int, path: Path) -> 
 
 
 # What each trainer kind reads from the run's config beyond its core config's own fields.
-_SERVICE_KEYS = {"base_model", "reward_model", "split", "prompts_per_round", "eval_prompts"}
+_SERVICE_KEYS = {
+    "base_model",
+    "reward_model",
+    "split",
+    "prompts_per_round",
+    "eval_prompts",
+    "processes",
+}
 
 
 def _core_config(run: TrainingRun, out: Path) -> tuple[Any, Callable[[Any], dict[str, Any]]]:
@@ -949,6 +960,71 @@ def _heartbeat_running(
     heartbeat.beat()  # the last metrics lines, in this thread's connection
 
 
+_CLI_COMMANDS: dict[str, str] = {RunKind.REWARD: "reward", RunKind.DPO: "dpo", RunKind.PPO: "ppo"}
+
+
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child before exec)
+    """Linux: the launcher gets SIGKILL when the worker process dies, so a killed worker
+    leaves no training processes behind (its message is requeued and the run resumes)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _launch(run: TrainingRun, config: Any, processes: int) -> dict[str, Any]:
+    """Run the trainer in ``processes`` processes (DDP, one per GPU) through the launcher
+    command ``TRAINING_LAUNCHER`` (``torchrun`` by default; ``accelerate launch ...`` for
+    DeepSpeed or FSDP configs). The same ``training.core`` command runs, reading its config
+    from a file; the heartbeat reads the metrics file it writes, and a cancel reaches every
+    process through the STOP file."""
+    import dataclasses
+    import shlex
+    import subprocess
+    import sys
+
+    out = Path(config.output_dir)
+    config_path = out.parent / f"{_CLI_COMMANDS[run.kind]}-config.json"
+    config_path.write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
+    launcher = [
+        part.replace("{python}", sys.executable).replace("{processes}", str(processes))
+        for part in shlex.split(settings.TRAINING_LAUNCHER)
+    ]
+    command = [
+        *launcher,
+        "-m",
+        "training.core",
+        _CLI_COMMANDS[run.kind],
+        "--config",
+        str(config_path),
+    ]
+    log.info("run %s: launching %s", run.pk, shlex.join(command))
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    launch_log = logging.getLogger("training.core.launch")
+    with subprocess.Popen(
+        command,
+        cwd=settings.BASE_DIR,
+        env={**os.environ, "PYTHONPATH": str(settings.BASE_DIR)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        preexec_fn=_die_with_parent,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            launch_log.info("%s", line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        if (out / STOP_FILE).exists():
+            raise StopRequested("stop requested")
+        raise RuntimeError(f"the launcher exited with {code}: " + " | ".join(list(tail)[-5:]))
+    eval_path = out / "eval.json"
+    return json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else {}
+
+
 def _train(*, run: TrainingRun, worker: str) -> dict[str, Any]:
     # Imported here: torch and transformers load only in the worker that trains.
     from training.core.checkpoint import find_resumable
@@ -972,8 +1048,12 @@ def _train(*, run: TrainingRun, worker: str) -> dict[str, Any]:
     )
     run.output_dir, run.total_steps = str(out), total
     log.info("run %s: %s", run.pk, note)
+    processes = int(run.config.get("processes", settings.TRAINING_PROCESSES))
     with _heartbeat_running(run, worker, out / "metrics.jsonl", total):
-        metrics = trainer(config)
+        if processes > 1 and run.kind in _CLI_COMMANDS:
+            metrics = _launch(run, config, processes)
+        else:
+            metrics = trainer(config)
     eval_path = out / "eval.json"
     if eval_path.is_file():
         metrics = json.loads(eval_path.read_text(encoding="utf-8"))

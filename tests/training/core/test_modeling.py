@@ -169,6 +169,26 @@ def test_lora_trains_only_adapters(tiny_model_dir: Path) -> None:
     assert all("lora_" in n for n in trainable)
 
 
+def test_lora_top_layers_adapts_only_the_top_layers_and_backward_stops_below(
+    tiny_model_dir: Path,
+) -> None:
+    model = load_causal_lm(tiny_model_dir, device="cpu")  # two layers
+    wrapped = apply_lora(model, CommonConfig(lora=True, lora_r=4, lora_top_layers=1), "CAUSAL_LM")
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable
+    assert all(".layers.1." in n and "lora_" in n for n in trainable)
+    # Nothing below layer 1 needs a gradient, so autograd never builds that part of the graph.
+    seen: list[bool] = []
+    layer0 = wrapped.get_base_model().model.layers[0]
+    handle = layer0.register_forward_hook(lambda m, i, out: seen.append(out[0].requires_grad))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    wrapped(input_ids=ids).logits.sum().backward()
+    handle.remove()
+    assert seen == [False]
+    with pytest.raises(ValueError, match="lora_top_layers"):
+        apply_lora(torch.nn.Linear(2, 2), CommonConfig(lora=True, lora_top_layers=1), "CAUSAL_LM")
+
+
 def test_missing_pad_token_is_added_the_same_way_every_load(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
