@@ -343,6 +343,9 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # How often a running training run writes its heartbeat, and when a heartbeat counts as dead.
 TRAINING_HEARTBEAT_SECONDS = env_int("TRAINING_HEARTBEAT_SECONDS", 5)
 TRAINING_HEARTBEAT_STALE_SECONDS = env_int("TRAINING_HEARTBEAT_STALE_SECONDS", 60)
+# How long before the soft time limit a trainer is asked to save a checkpoint and stop (the next
+# attempt resumes there); at most a quarter of the limit.
+TRAINING_PAUSE_MARGIN_SECONDS = env_int("TRAINING_PAUSE_MARGIN_SECONDS", 300)
 # A queued run nobody claimed for this long has its message sent again (a lost message).
 TRAINING_REQUEUE_SECONDS = env_int("TRAINING_REQUEUE_SECONDS", 900)
 # Beat's loop tick: the watchdog (stale heartbeats, lost messages) and the loop schedules.

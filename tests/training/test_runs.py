@@ -502,3 +502,51 @@ def test_a_launcher_that_fails_fails_the_run_with_its_output(settings, tmp_path:
     assert runs.run_execute(run_id=run.pk) == runs.Outcome.FAILED
     run.refresh_from_db()
     assert run.error.startswith("RuntimeError: the launcher exited with 3: no GPUs here")
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_near_the_soft_time_limit_a_run_saves_a_checkpoint_and_resumes_there(
+    settings, tmp_path: Path
+) -> None:
+    """R21: with a 3 s soft limit the heartbeat asks the trainer to pause; it saves a loadable
+    checkpoint after the step named in PAUSE and hands the run back; the next attempt resumes
+    from exactly that step."""
+    from training.core.checkpoint import checkpoint_dir, find_resumable, load_checkpoint
+    from training.core.modeling import load_reward_model
+
+    settings.TRAINING_HEARTBEAT_SECONDS = 0.5
+    settings.CELERY_TASK_SOFT_TIME_LIMIT = 3
+    base = tiny_base_model(tmp_path / "base")
+    run = runs.run_create(
+        campaign=judged_campaign(comparisons=6),
+        kind="reward",
+        config={
+            "base_model": str(base),
+            "max_steps": 2500,
+            "batch_size": 2,
+            "max_length": 32,
+            "log_every": 5,
+        },
+    )
+    assert runs.run_execute(run_id=run.pk, worker="w:1") == runs.Outcome.REQUEUE
+    run.refresh_from_db()
+    out = Path(run.output_dir)
+    paused_at = int((out / "PAUSE").read_text())
+    assert 0 < paused_at < 2500
+    checkpoint = find_resumable(out)
+    assert checkpoint is not None
+    assert checkpoint == checkpoint_dir(out, paused_at)
+    model = load_reward_model(str(base), device="cpu", num_labels=1)
+    assert load_checkpoint(checkpoint, model=model)["step"] == paused_at  # loadable
+    assert (run.status, run.heartbeat_at) == (RunStatus.RUNNING, None)
+    assert "near the time limit" in run.log_tail
+    assert not ModelVersion.objects.filter(run=run).exists()
+
+    settings.CELERY_TASK_SOFT_TIME_LIMIT = 3600
+    TrainingRun.objects.filter(pk=run.pk).update(config={**run.config, "max_steps": paused_at + 3})
+    assert runs.run_execute(run_id=run.pk, worker="w:2") == runs.Outcome.SUCCEEDED
+    run.refresh_from_db()
+    assert run.attempts == 2
+    assert f"resuming from checkpoint step {paused_at}" in run.log_tail
+    assert not (out / "PAUSE").exists()

@@ -32,6 +32,7 @@ from training.core.checkpoint import (
 )
 from training.core.config import CommonConfig
 from training.core.modeling import resolve_device, set_seed
+from training.core.tracking import PAUSE_FILE, StopRequested
 
 
 @dataclass
@@ -238,9 +239,25 @@ def save_resumable(
         )
         prune_checkpoints(config.output_dir, keep=1)
     runtime.barrier()
+    if step == pause_step(config):
+        raise StopRequested(f"paused after step {step}; the checkpoint is saved")
     return folder
+
+
+# ``PAUSE_FILE`` in the output folder, holding a step number S, asks the trainer to save
+# a checkpoint after step S and stop (``StopRequested``): how a worker near its time limit
+# pauses a run so the next attempt resumes exactly there. Every process acts at the same step
+# S (not "as soon as it sees the file"), so the collective save never waits for a rank that
+# has not seen it yet; a step already passed simply never comes, and nothing happens.
+def pause_step(config: CommonConfig) -> int | None:
+    try:
+        return int((Path(config.output_dir) / PAUSE_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def should_save(config: CommonConfig, step: int, total: int) -> bool:
     """After optimiser step ``step`` (1-based count of steps done)."""
+    if step < total and step == pause_step(config):
+        return True
     return config.save_every > 0 and step % config.save_every == 0 and step < total

@@ -33,6 +33,8 @@ def _jsonable(value: Any) -> Any:
 # ``MetricsWriter.write`` raises ``StopRequested``. This is how a worker cancels a run from
 # another thread without signals, in every process of a multi-process run (the file is shared).
 STOP_FILE = "STOP"
+# Holds a step number: save a checkpoint after that step, then stop (``runner.should_save``).
+PAUSE_FILE = "PAUSE"
 
 
 class StopRequested(Exception):

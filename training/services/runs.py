@@ -35,6 +35,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -51,7 +52,7 @@ from django.utils import timezone
 from annotation import formats, quality, selectors
 from annotation.models import Campaign, Judgment, Prompt, SourceKind, Split
 from annotation.services.items import source_get_or_create
-from training.core.tracking import STOP_FILE, StopRequested
+from training.core.tracking import PAUSE_FILE, STOP_FILE, StopRequested
 from training.models import (
     ACTIVE_STATUSES,
     ModelKind,
@@ -467,7 +468,11 @@ def run_execute(*, run_id: int, worker: str | None = None) -> Outcome:
         return outcome
     try:
         results = _work(run=run, worker=worker)
-    except (RunCancelled, StopRequested):
+    except (RunCancelled, StopRequested) as exc:
+        cancelled = TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists()
+        if isinstance(exc, StopRequested) and not cancelled and _paused(run):
+            _release(run.pk, worker, f"{exc} (near the time limit); the next attempt resumes")
+            return Outcome.REQUEUE
         _finish_cancelled(run.pk, worker)
         return Outcome.CANCELLED
     except SoftTimeLimitExceeded:
@@ -481,6 +486,10 @@ def run_execute(*, run_id: int, worker: str | None = None) -> Outcome:
         return Outcome.FAILED
     _finish_succeeded(run.pk, worker, results)
     return Outcome.SUCCEEDED
+
+
+def _paused(run: TrainingRun) -> bool:
+    return bool(run.output_dir) and (Path(run.output_dir) / PAUSE_FILE).exists()
 
 
 def _locked_if_mine(run_id: int, worker: str) -> TrainingRun | None:
@@ -710,6 +719,14 @@ class _Heartbeat(threading.Thread):
             total,
         )
         self.stop_event = threading.Event()
+        # Near the soft time limit, ask the trainer to save and stop (``PAUSE``), so the next
+        # attempt resumes from that step instead of the last periodic checkpoint.
+        limit = float(settings.CELERY_TASK_SOFT_TIME_LIMIT)
+        self.pause_at = (
+            time.monotonic() + limit - min(float(settings.TRAINING_PAUSE_MARGIN_SECONDS), limit / 4)
+        )
+        self.paused = False
+        self.log_every = int(run.config.get("log_every", 1) or 1)
         self.offset = 0
         self.step = 0
         self.tail: _TailHandler | None = None
@@ -741,7 +758,22 @@ class _Heartbeat(threading.Thread):
                     rows.append(json.loads(raw))
         return rows, offset
 
+    def _pause_near_the_limit(self) -> None:
+        if not self.total or self.paused or time.monotonic() < self.pause_at:
+            return
+        rows, _ = self._new_rows()  # the newest step, not the one of the last beat
+        newest = max([self.step, *(int(r.get("step", 0)) for r in rows)])
+        # A few steps ahead of what the metrics show, so every process is still before it.
+        target = newest + 2 * self.log_every + 2
+        pause = self.metrics_path.parent / PAUSE_FILE
+        tmp = pause.with_name(f".{PAUSE_FILE}.tmp")
+        tmp.write_text(str(target))
+        os.replace(tmp, pause)
+        self.paused = True
+        log.warning("run %s: near the time limit; pausing after step %d", self.run_id, target)
+
     def beat(self) -> None:
+        self._pause_near_the_limit()  # files only: works even while the database does not
         metrics = []
         rows, offset = self._new_rows()
         for row in rows:
@@ -1030,7 +1062,8 @@ def _train(*, run: TrainingRun, worker: str) -> dict[str, Any]:
     from training.core.checkpoint import find_resumable
 
     out = run_folder(run) / "model"
-    (out / STOP_FILE).unlink(missing_ok=True)  # a stale request from a released attempt
+    for leftover in (STOP_FILE, PAUSE_FILE):  # requests meant for an earlier attempt
+        (out / leftover).unlink(missing_ok=True)
     config, trainer = _core_config(run, out)
     total = _total_steps(config, run.dataset_pairs) if run.kind != RunKind.EVAL else 1
     resume_from = find_resumable(out)

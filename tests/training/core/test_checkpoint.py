@@ -195,3 +195,30 @@ def test_killed_run_resumes_to_the_same_model(tmp_path: Path, tiny_model_dir: Pa
     eval_straight = json.loads((straight / "eval.json").read_text())
     assert eval_killed["eval_accuracy"] == eval_straight["eval_accuracy"]
     assert eval_killed["reward_gain"] == pytest.approx(eval_straight["reward_gain"], rel=1e-5)
+
+
+def test_pause_saves_at_exactly_the_named_step_and_only_there(tmp_path: Path) -> None:
+    from training.core.config import CommonConfig
+    from training.core.runner import PAUSE_FILE, pause_step, should_save
+
+    config = CommonConfig(output_dir=str(tmp_path), save_every=0)
+    assert pause_step(config) is None
+    assert not should_save(config, 7, 10)
+    (tmp_path / PAUSE_FILE).write_text("7")
+    assert pause_step(config) == 7
+    # Every process decides by the step, not by when it saw the file.
+    assert [s for s in range(1, 11) if should_save(config, s, 10)] == [7]
+    assert not should_save(config, 7, 7)  # the last step exports instead
+    (tmp_path / PAUSE_FILE).write_text("garbage")
+    assert pause_step(config) is None
+
+
+def test_metrics_writer_raises_once_stop_is_requested(tmp_path: Path) -> None:
+    from training.core.tracking import STOP_FILE, MetricsWriter, StopRequested
+
+    with MetricsWriter(tmp_path / "metrics.jsonl") as writer:
+        writer.write(1, {"loss": 1.0})
+        (tmp_path / STOP_FILE).touch()
+        with pytest.raises(StopRequested, match="step 2"):
+            writer.write(2, {"loss": 0.9})
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
