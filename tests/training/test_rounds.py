@@ -201,6 +201,31 @@ def test_concurrent_triggers_start_exactly_one_round() -> None:
     assert Round.objects.filter(campaign=campaign).count() == 1
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="needs PostgreSQL concurrency")
+@pytest.mark.django_db(transaction=True)
+def test_two_ticks_at_once_start_one_round_and_the_other_says_skipped() -> None:
+    """R23: two beats (or a tick fired twice) check the same schedule at the same moment."""
+    campaign = judged_campaign()
+    rounds.schedule_set(campaign=campaign, enabled=True, min_new_judgments=1, config={})
+    barrier = threading.Barrier(2)
+    said: list[str] = []
+
+    def tick() -> None:
+        try:
+            barrier.wait()
+            said.extend(rounds.schedules_check())
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=tick) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Round.objects.filter(campaign=campaign).count() == 1
+    assert sorted(m.split(": ", 1)[1].split(" ")[0] for m in said) == ["skipped:", "started"]
+
+
 # -- the stage walk -----------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -32,12 +33,12 @@ CELERY = Path(sys.executable).with_name("celery")
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, queues: str = "training,default") -> None:
         self.log = log
         self.file = open(log, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [
-                str(CELERY), "-A", "rlhf_site", "worker", "-Q", "training,default",
+                str(CELERY), "-A", "rlhf_site", "worker", "-Q", queues,
                 "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
                 "--loglevel", "INFO", "-n", f"test{os.getpid()}@%h", "--without-heartbeat",
                 "--without-gossip", "--without-mingle",
@@ -227,3 +228,95 @@ def test_three_lost_workers_fail_the_run_and_empty_the_queue(
     assert list(Path(broker["data_folder_in"]).glob("*.msg")) == []
     assert _row(run.pk).attempts == 3
     assert "gave up after 3 attempts" in _row(run.pk).log_tail
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _redis_or_skip() -> Any:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"needs Redis at {REDIS_URL} (the production broker)")
+    client.flushdb()
+    return client
+
+
+@pytest.fixture
+def redis_worker(tmp_path: Path, settings) -> Iterator[tuple[Worker, Any]]:
+    """The production shape: a training worker on a Redis broker (R19 is about its prefetch,
+    which the remote-control inspect shows)."""
+    client = _redis_or_skip()
+    db = connection.settings_dict
+    artifacts = tmp_path / "artifacts"
+    settings.ARTIFACTS_ROOT = artifacts
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": (
+            f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST'] or '127.0.0.1'}:"
+            f"{db['PORT'] or 5432}/{db['NAME']}"
+        ),
+        "CELERY_BROKER_URL": REDIS_URL,
+        "ARTIFACTS_ROOT": str(artifacts),
+        "TRAINING_HEARTBEAT_SECONDS": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    w = Worker(env, tmp_path / "worker.log", queues="training")
+    try:
+        wait_for("the worker to be ready", lambda: "ready." in w.text(), w, timeout=60)
+        yield w, client
+    finally:
+        w.stop()
+        client.flushdb()
+
+
+def test_a_training_worker_holds_one_run_at_a_time(tmp_path, redis_worker) -> None:
+    """R19: prefetch 1 with acks_late and concurrency 1: with 3 runs queued, the busy worker
+    has reserved nothing beyond the one it runs; the other two wait in Redis, free for
+    another worker."""
+    from celery import Celery
+    from kombu import Connection
+
+    from training.tasks import run_training
+
+    worker, client = redis_worker
+    base = tiny_base_model(tmp_path / "base")
+    with Connection(REDIS_URL) as conn:
+        made = [
+            runs.run_create(
+                campaign=judged_campaign(comparisons=4),
+                kind="reward",
+                config={
+                    "base_model": str(base),
+                    "max_steps": 4000,
+                    "batch_size": 4,
+                    "max_length": 64,
+                },
+                enqueue=lambda run_id: run_training.apply_async(args=(run_id,), connection=conn),
+            )
+            for _ in range(3)
+        ]
+        running = wait_for(
+            "a run to start",
+            lambda: TrainingRun.objects.filter(status=RunStatus.RUNNING).first(),
+            worker,
+            90,
+        )
+        assert isinstance(running, TrainingRun)
+        time.sleep(3)  # time enough to prefetch more, if it were going to
+        # An app of its own: this process's app is configured for the embedded broker.
+        inspect = Celery(broker=REDIS_URL).control.inspect(timeout=5)
+        reserved, active = inspect.reserved(), inspect.active()
+    assert reserved is not None, "the worker did not answer the inspect broadcast"
+    assert active is not None
+    assert [len(tasks) for tasks in reserved.values()] == [0]
+    assert [len(tasks) for tasks in active.values()] == [1]
+    assert client.llen("training") == 2
+    assert TrainingRun.objects.filter(pk__in=[r.pk for r in made], status="queued").count() == 2
+    runs.run_cancel(run=running)
+    wait_for("the cancel", lambda: _row(running.pk).status == "cancelled", worker, 60)
