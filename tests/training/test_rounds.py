@@ -248,6 +248,7 @@ def test_a_round_walks_its_stages_and_keeps_the_lineage(fake_work) -> None:
     assert dpo.config["reference_model"] == ""  # round 1: LoRA adapters off are the reference
     assert dpo.config["beta"] == 0.1
     assert dpo.config["max_steps"] == 3
+    assert dpo.config["learning_rate"] == rounds.LORA_LR  # 0 in the config: the LoRA default
     policy = made.policy_version
     assert policy.parent == base
     assert policy.run == dpo
@@ -297,6 +298,15 @@ def test_the_next_round_starts_from_the_last_policy_with_the_base_as_reference(f
     assert rounds.current_policy(campaign) == second.policy_version
 
 
+def test_full_fine_tuning_gets_a_small_default_learning_rate(fake_work) -> None:
+    made = drive(rounds.round_create(campaign=judged_campaign(), config={"lora": False}))
+    assert made.runs.get(kind="dpo").config["learning_rate"] == rounds.FULL_LR
+    made = drive(
+        rounds.round_create(campaign=made.campaign, config={"lora": False, "learning_rate": 1e-3})
+    )
+    assert made.runs.get(kind="dpo").config["learning_rate"] == 1e-3
+
+
 def test_critique_campaigns_get_a_critique_stage(fake_work) -> None:
     campaign = judged_campaign()
     campaign.critique_mode = CritiqueMode.ALWAYS
@@ -313,6 +323,7 @@ def test_critique_campaigns_get_a_critique_stage(fake_work) -> None:
 def test_ppo_rounds_train_against_the_new_reward_model(fake_work) -> None:
     made = drive(rounds.round_create(campaign=judged_campaign(), config={"algorithm": "ppo"}))
     ppo = made.runs.get(kind="ppo")
+    assert ppo.config["learning_rate"] == rounds.LORA_LR
     assert ppo.config["reward_model"] == made.reward_version.artifact
     assert ppo.config["kl_coef"] == 0.1
     assert ppo.config["ref_model"] == made.policy_before.artifact

@@ -69,6 +69,10 @@ class RoundSkipped(RunError):
 # -- configuration ------------------------------------------------------------------------------
 
 STRATEGIES = ("new_vs_previous", "two_samples", "uncertainty")
+# Policy learning rates when a round leaves it at 0: LoRA adapters start at zero and need a
+# larger step to move the policy in a few steps; a full fine-tune needs a small one.
+LORA_LR = 2e-4
+FULL_LR = 5e-6
 ALGORITHMS = ("dpo", "ppo")
 
 # name -> (type, default, help). Defaults suit the embedded demo: SmolLM2-135M on two CPU
@@ -91,7 +95,11 @@ ROUND_CONFIG_FIELDS: dict[str, tuple[type, Any, str]] = {
         8,
         "With LoRA: adapters in the top N layers only (0: every layer); much faster on a CPU.",
     ),
-    "learning_rate": (float, 5e-5, "Policy learning rate."),
+    "learning_rate": (
+        float,
+        0.0,
+        f"Policy learning rate; 0 picks {LORA_LR:g} with LoRA, {FULL_LR:g} for all weights.",
+    ),
     "reward_learning_rate": (float, 5e-5, "Reward-model learning rate."),
     "batch_size": (int, 4, "Pairs (DPO, reward) or prompts (PPO) per step."),
     "ensemble_size": (int, 3, "Reward heads; their disagreement ranks uncertain pairs."),
@@ -149,9 +157,11 @@ def round_config_clean(config: dict[str, Any]) -> dict[str, Any]:
     for name in ("prompts_per_round", "eval_prompts", "seed", "lora_top_layers"):
         if isinstance(clean.get(name), int) and clean[name] < 0:
             problems.append(f"{name}: must not be negative")
-    for name in ("kl_coef", "learning_rate", "reward_learning_rate"):
+    for name in ("kl_coef", "reward_learning_rate"):
         if isinstance(clean.get(name), float) and not clean[name] > 0:
             problems.append(f"{name}: must be positive")
+    if isinstance(clean.get("learning_rate"), float) and not clean["learning_rate"] >= 0:
+        problems.append("learning_rate: must be positive, or 0 for the default")
     if isinstance(clean.get("temperature"), float) and clean["temperature"] < 0:
         problems.append("temperature: must not be negative")
     if clean.get("strategy") == "two_samples" and clean.get("num_samples", 2) < 2:
@@ -389,7 +399,7 @@ def _stage_config(round_obj: Round, stage: str) -> tuple[str, dict[str, Any], An
             "base_model": before.artifact,
             "max_steps": c["policy_steps"],
             "batch_size": c["batch_size"],
-            "learning_rate": c["learning_rate"],
+            "learning_rate": c["learning_rate"] or (LORA_LR if c["lora"] else FULL_LR),
             "max_length": c["max_length"],
             "lora": c["lora"],
             "lora_top_layers": c["lora_top_layers"],
