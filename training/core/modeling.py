@@ -17,9 +17,11 @@ with PPO"):
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +41,8 @@ from transformers import (
 
 if TYPE_CHECKING:
     from training.core.config import CommonConfig
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 CHATML_TEMPLATE = (
@@ -203,6 +207,8 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     cache = _gguf_cache_dir(path)
     if (cache / "config.json").is_file():
         return str(cache)
+    started = time.monotonic()
+    log.info("converting %s to safetensors, once (cached in %s)", path.name, cache)
     loaded = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
@@ -222,6 +228,7 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     tokenizer.save_pretrained(tmp)
     cache.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, cache)
+    log.info("converted %s in %.0f s", path.name, time.monotonic() - started)
     return str(cache)
 
 
