@@ -351,12 +351,28 @@ def test_the_task_asks_again_later_on_a_duplicate(monkeypatch) -> None:
         seen.append((run_id, worker))
         return runs.Outcome.DUPLICATE
 
+    run = runs.run_create(campaign=judged_campaign(), kind="reward", config={"base_model": "/x"})
     monkeypatch.setattr(runs, "run_execute", execute)
     with pytest.raises(Retry):
-        run_training(7)
-    assert seen == [(7, runs.worker_name())]
+        run_training(run.pk)
+    assert seen == [(run.pk, runs.worker_name())]
     monkeypatch.setattr(runs, "run_execute", lambda **_: runs.Outcome.SUCCEEDED)
-    assert run_training(7) == "succeeded"
+    assert run_training(run.pk) == "succeeded"
+
+
+def test_a_finished_round_run_moves_its_round_on(monkeypatch, settings, tmp_path) -> None:
+    from training.services import rounds
+    from training.tasks import run_training
+
+    settings.LOOP_POLICY_MODEL = str(tmp_path / "base")
+    advanced: list[int] = []
+    monkeypatch.setattr("training.tasks.enqueue_round", advanced.append)
+    made = rounds.round_create(campaign=judged_campaign(), config={})
+    rounds.round_advance(round_id=made.pk)
+    run = made.runs.get()
+    monkeypatch.setattr(runs, "run_execute", lambda **_: runs.Outcome.FAILED)
+    assert run_training(run.pk) == "failed"
+    assert advanced == [made.pk]
 
 
 # -- cancel -------------------------------------------------------------------------------------
