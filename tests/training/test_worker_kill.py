@@ -88,8 +88,10 @@ def broker(tmp_path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def worker(tmp_path: Path, settings, broker) -> Iterator[Worker]:
+def start_worker(
+    tmp_path: Path, settings, broker_env: dict[str, str], queues: str = "training,default"
+) -> Worker:
+    """A worker process on this test's database, with artifacts under ``tmp_path``, ready."""
     db = connection.settings_dict
     artifacts = tmp_path / "artifacts"
     settings.ARTIFACTS_ROOT = artifacts
@@ -100,17 +102,30 @@ def worker(tmp_path: Path, settings, broker) -> Iterator[Worker]:
             f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST'] or '127.0.0.1'}:"
             f"{db['PORT'] or 5432}/{db['NAME']}"
         ),
-        "CELERY_BROKER_URL": "filesystem://",
-        "CELERY_BROKER_DIR": str(Path(broker["data_folder_in"]).parent),
+        **broker_env,
         "ARTIFACTS_ROOT": str(artifacts),
         "TRAINING_HEARTBEAT_SECONDS": "1",
         "TRAINING_HEARTBEAT_STALE_SECONDS": "60",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    w = Worker(env, tmp_path / "worker.log")
+    w = Worker(env, tmp_path / "worker.log", queues=queues)
     try:
         wait_for("the worker to be ready", lambda: "ready." in w.text(), w, timeout=60)
+    except BaseException:
+        w.stop()
+        raise
+    return w
+
+
+@pytest.fixture
+def worker(tmp_path: Path, settings, broker) -> Iterator[Worker]:
+    broker_env = {
+        "CELERY_BROKER_URL": "filesystem://",
+        "CELERY_BROKER_DIR": str(Path(broker["data_folder_in"]).parent),
+    }
+    w = start_worker(tmp_path, settings, broker_env)
+    try:
         yield w
     finally:
         w.stop()
@@ -250,25 +265,8 @@ def redis_worker(tmp_path: Path, settings) -> Iterator[tuple[Worker, Any]]:
     """The production shape: a training worker on a Redis broker (R19 is about its prefetch,
     which the remote-control inspect shows)."""
     client = _redis_or_skip()
-    db = connection.settings_dict
-    artifacts = tmp_path / "artifacts"
-    settings.ARTIFACTS_ROOT = artifacts
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": (
-            f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST'] or '127.0.0.1'}:"
-            f"{db['PORT'] or 5432}/{db['NAME']}"
-        ),
-        "CELERY_BROKER_URL": REDIS_URL,
-        "ARTIFACTS_ROOT": str(artifacts),
-        "TRAINING_HEARTBEAT_SECONDS": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    w = Worker(env, tmp_path / "worker.log", queues="training")
+    w = start_worker(tmp_path, settings, {"CELERY_BROKER_URL": REDIS_URL}, queues="training")
     try:
-        wait_for("the worker to be ready", lambda: "ready." in w.text(), w, timeout=60)
         yield w, client
     finally:
         w.stop()

@@ -854,6 +854,18 @@ _SERVICE_KEYS = {
 }
 
 
+def _run_prompts(run: TrainingRun, name: str, split: str, limit_key: str) -> Path:
+    """The prompts file a PPO or evaluation run reads, in its own folder."""
+    path = run_folder(run) / name
+    prompts_write(
+        campaign=run.campaign,
+        split=str(run.config.get("split", split)),
+        limit=int(run.config.get(limit_key, 0)),
+        path=path,
+    )
+    return path
+
+
 def _core_config(run: TrainingRun, out: Path) -> tuple[Any, Callable[[Any], dict[str, Any]]]:
     """The ``training.core`` config and entry point of a trainer run."""
     config: Any
@@ -878,13 +890,7 @@ def _core_config(run: TrainingRun, out: Path) -> tuple[Any, Callable[[Any], dict
     if run.kind == RunKind.PPO:
         from training.core import ppo
 
-        prompts = run_folder(run) / "prompts.jsonl"
-        prompts_write(
-            campaign=run.campaign,
-            split=str(run.config.get("split", Split.TRAIN)),
-            limit=int(run.config.get("prompts_per_round", 0)),
-            path=prompts,
-        )
+        prompts = _run_prompts(run, "prompts.jsonl", Split.TRAIN, "prompts_per_round")
         config = ppo.PPOConfig(
             data=str(prompts), reward=str(run.config["reward_model"]), **common, **options
         )
@@ -892,13 +898,7 @@ def _core_config(run: TrainingRun, out: Path) -> tuple[Any, Callable[[Any], dict
     if run.kind == RunKind.EVAL:
         from training.core import evaluate
 
-        prompts = run_folder(run) / "eval_prompts.jsonl"
-        prompts_write(
-            campaign=run.campaign,
-            split=str(run.config.get("split", Split.EVAL)),
-            limit=int(run.config.get("eval_prompts", 0)),
-            path=prompts,
-        )
+        prompts = _run_prompts(run, "eval_prompts.jsonl", Split.EVAL, "eval_prompts")
         config = evaluate.EvaluateConfig(
             task="policy",
             data=str(prompts),
