@@ -43,6 +43,7 @@ def split_service_error(message: str, names: Collection[str]) -> list[tuple[str 
 LABELS = {
     "kl_coef": "KL coefficient",
     "lora": "LoRA",
+    "lora_top_layers": "LoRA top layers",
     "num_samples": "Samples per prompt",
     "max_new_tokens": "Max new tokens",
 }

@@ -200,9 +200,16 @@ def plot_order(name: str) -> tuple[int, str]:
 
 
 def line_plots(metrics: Mapping[str, Sequence[tuple[int, float]]]) -> list[LinePlot]:
-    """A plot per metric name that has something to draw, in ``plot_order``."""
+    """A plot per metric name that has something to draw, in ``plot_order``.
+
+    A figure logged once (an end-of-run evaluation) is a number, not a curve: once some series
+    has a history, single-point series are left to the results table instead of being drawn
+    as lone dots."""
     plots = []
+    has_history = any(len(_finite(points)) > 1 for points in metrics.values())
     for name in sorted(metrics, key=plot_order):
+        if has_history and len(_finite(metrics[name])) < 2:
+            continue
         plot = line_plot(name, metrics[name])
         if plot is not None:
             plots.append(plot)

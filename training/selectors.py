@@ -224,12 +224,12 @@ def judgments_since(*, campaign: Campaign, cutoff: int | None) -> tuple[int, int
 
 
 def last_cutoff(*, campaign: Campaign) -> int | None:
-    """The judgment cutoff of the newest round that got as far as fixing one."""
+    """The newest judgment cutoff of a round that did not fail or get cancelled: judgments
+    after it are "new" (the schedule counts them, and the page shows the same number)."""
     return (
         Round.objects.filter(campaign=campaign, judgment_cutoff__isnull=False)
-        .order_by("-number")
-        .values_list("judgment_cutoff", flat=True)
-        .first()
+        .exclude(status__in=["failed", "cancelled"])
+        .aggregate(m=Max("judgment_cutoff"))["m"]
     )
 
 

@@ -134,10 +134,10 @@ class PageAudit(HTMLParser):
             self.problems.append(f"tag not on the allowlist inside untrusted content: {where}")
         if tag in NEVER:
             self.problems.append(f"forbidden element: {where}")
-        if tag == "link" and a.get("rel") != "stylesheet":
+        if tag == "link" and (inside or a.get("rel") not in ("stylesheet", "icon")):
             self.problems.append(f"unexpected link: {where}")
         if tag == "link" and not (a.get("href") or "").startswith("/static/"):
-            self.problems.append(f"stylesheet from elsewhere: {where}")
+            self.problems.append(f"stylesheet or icon from elsewhere: {where}")
         if tag == "meta" and (inside or "http-equiv" in a):
             self.problems.append(f"meta from content: {where}")
         if tag == "form" and inside:

@@ -212,6 +212,33 @@ def test_a_batch_written_meanwhile_by_a_duplicate_delivery_is_not_written_twice(
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("strategy", ["two_samples", "new_vs_previous"])
+def test_answers_with_the_same_text_are_never_compared(tiny_model: Path, strategy: str) -> None:
+    """Greedy decoding writes the same answer every time (and the 'previous' policy is the
+    same model): nothing would be left for a rater to decide, so no comparison is built."""
+    campaign, _ = prompt_campaign(train=2)
+    run = make_run(
+        campaign,
+        "generate",
+        **config(
+            tiny_model,
+            strategy=strategy,
+            num_samples=2,
+            temperature=0.0,
+            previous_source="base",
+            previous_model=str(tiny_model),
+        ),
+    )
+    metrics = generate_execute(run=run, report=Recorder())
+    # Two new answers per prompt, and for new_vs_previous one of the previous policy's.
+    assert metrics["completions"] == (4 if strategy == "two_samples" else 6)
+    for prompt in campaign.prompts.all():
+        assert len({c.text for c in prompt.completions.all()}) == 1
+    assert metrics["comparisons"] == 0
+    assert not Comparison.objects.filter(campaign=campaign).exists()
+
+
+@pytest.mark.django_db
 def test_two_samples_pairs_new_samples_of_the_same_prompt(tiny_model: Path) -> None:
     campaign, prompts = prompt_campaign(train=2)
     other = SourceFactory(name="imported")

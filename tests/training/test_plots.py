@@ -114,3 +114,10 @@ def test_figures_print_numbers_short_and_other_values_as_text():
     assert plots.format_value(12) == "12"
     assert plots.format_value(True) == "True"
     assert plots.format_value("n/a") == "n/a"
+
+
+def test_figures_logged_once_are_not_drawn_beside_curves() -> None:
+    curves = {"loss": [(1, 1.0), (2, 0.5)], "eval_accuracy": [(2, 0.8)]}
+    assert [p.name for p in plots.line_plots(curves)] == ["loss"]
+    # Early in a run every series has one point: those are drawn, or the page shows nothing.
+    assert [p.name for p in plots.line_plots({"loss": [(1, 1.0)]})] == ["loss"]

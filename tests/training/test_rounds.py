@@ -259,6 +259,7 @@ def test_a_round_walks_its_stages_and_keeps_the_lineage(fake_work) -> None:
     assert generate.config["source_name"] == policy.source.name
     assert generate.config["previous_source"] == base.source.name
     assert generate.config["round_number"] == 1
+    assert {r.config["seed"] for r in (reward, dpo, generate, evaluate)} == {1}  # seed 0 + round 1
     assert generate.config["reward_model"] == made.reward_version.artifact
     assert evaluate.config["baseline_model"] == base.artifact
     assert evaluate.config["ref_model"] == base.artifact

@@ -137,7 +137,9 @@ class TransformersGenerator(Generator):
             top_p=top_p if sample else None,
             top_k=top_k if sample else None,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
+            # Greedy decoding refuses several return sequences; each prompt is then repeated
+            # n times instead (the n answers are the same, as greedy answers are).
+            num_return_sequences=n if sample else 1,
             eos_token_id=eos if self.stop_at_eos else None,
             pad_token_id=pad,
             bos_token_id=self.tokenizer.bos_token_id,
@@ -168,6 +170,9 @@ class TransformersGenerator(Generator):
                         self.tokenizer, chunk, self.max_prompt_length
                     )
                     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+                    if not sample and n > 1:
+                        prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
+                        prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
                     out: Any = self.model.generate(  # type: ignore[operator]
                         input_ids=prompt_ids,
                         attention_mask=prompt_mask,
@@ -176,8 +181,9 @@ class TransformersGenerator(Generator):
                     completion = out.sequences[:, prompt_ids.shape[1] :]  # (b*n, C)
                     scale = temperature if sample else 1.0
                     logits = torch.stack(out.logits, dim=1) / scale  # (b*n, C, V)
-                    parts["pi"].append(prompt_ids.repeat_interleave(n, dim=0).cpu())
-                    parts["pm"].append(prompt_mask.repeat_interleave(n, dim=0).cpu())
+                    repeat = n if sample else 1  # greedy rows are already repeated
+                    parts["pi"].append(prompt_ids.repeat_interleave(repeat, dim=0).cpu())
+                    parts["pm"].append(prompt_mask.repeat_interleave(repeat, dim=0).cpu())
                     parts["ci"].append(completion.cpu())
                     parts["lp"].append(selective_log_softmax(logits, completion).cpu())
         finally:

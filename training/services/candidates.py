@@ -29,7 +29,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -527,6 +527,18 @@ def _build_comparisons(
         log.info("run %s: no previous-policy answers; pairing new samples instead", run.pk)
         strategy = Strategy.TWO_SAMPLES
 
+    # Two answers with the same text make a comparison with nothing to decide (a policy that
+    # barely moved often writes what its parent wrote): such pairs are never built.
+    ids = {c for by in (new, old) for cs in by.values() for c in cs}
+    texts = {
+        pk: " ".join(text.split())
+        for pk, text in Completion.objects.filter(pk__in=ids).values_list("pk", "text")
+    }
+
+    def differ(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(x, y) for x, y in pairs if texts.get(x) != texts.get(y)]
+
+    everything = len(ids) ** 2  # "no limit" for the pair choosers; ``k`` is applied after
     specs: list[PairSpec] = []
     if strategy == Strategy.NEW_VS_PREVIOUS:
         without = [p.pk for p in prompts if new[p.pk] and not old.get(p.pk)]
@@ -538,14 +550,17 @@ def _build_comparisons(
                 settings.previous_source,
             )
         for prompt in prompts:
-            for x, y in pairs_new_vs_previous(new[prompt.pk], old.get(prompt.pk, []), k):
+            chosen = pairs_new_vs_previous(new[prompt.pk], old.get(prompt.pk, []), everything)
+            for x, y in differ(chosen)[:k]:
                 specs.append(PairSpec(prompt_id=prompt.pk, completion_x=x, completion_y=y))
     elif strategy == Strategy.TWO_SAMPLES:
         for prompt in prompts:
-            for x, y in pairs_within(new[prompt.pk], k):
+            for x, y in differ(pairs_within(new[prompt.pk], everything))[:k]:
                 specs.append(PairSpec(prompt_id=prompt.pk, completion_x=x, completion_y=y))
     else:
-        specs = _uncertain_pairs(run=run, settings=settings, prompts=prompts, new=new, old=old, k=k)
+        specs = _uncertain_pairs(
+            run=run, settings=settings, prompts=prompts, new=new, old=old, k=k, differ=differ
+        )
     return comparisons_create(campaign=run.campaign, pairs=specs)
 
 
@@ -557,12 +572,13 @@ def _uncertain_pairs(
     new: Mapping[int, list[int]],
     old: Mapping[int, list[int]],
     k: int,
+    differ: Callable[[Iterable[tuple[int, int]]], list[tuple[int, int]]],
 ) -> list[PairSpec]:
     fresh = {c for ids in new.values() for c in ids}
     candidates: dict[int, list[tuple[int, int]]] = {}
     for prompt in prompts:
         ids = sorted(set(new[prompt.pk]) | set(old.get(prompt.pk, [])))
-        candidates[prompt.pk] = list(itertools.combinations(ids, 2))
+        candidates[prompt.pk] = differ(itertools.combinations(ids, 2))
     # Pairs of two previous answers that raters were already asked about before this run are
     # not candidates again. Only comparisons older than the run count: a resumed run must see
     # the same candidates as the attempt that already wrote some of them.

@@ -43,6 +43,7 @@ from annotation.models import (
     SourceKind,
 )
 from annotation.services.items import source_get_or_create
+from training import selectors
 from training.models import (
     ACTIVE_STATUSES,
     LoopSchedule,
@@ -116,7 +117,7 @@ ROUND_CONFIG_FIELDS: dict[str, tuple[type, Any, str]] = {
     "pairs_per_prompt": (int, 2, "Comparisons built per prompt."),
     "eval_prompts": (int, 8, "Held-out prompts for the KL and win-rate figures."),
     "max_length": (int, 128, "Most tokens of prompt + answer in training."),
-    "seed": (int, 0, "Random seed of every step."),
+    "seed": (int, 0, "Random seed; round n uses seed + n."),
     "critiques": (bool, True, "Write critiques of the new candidates (critique campaigns)."),
     "device": (str, "auto", "auto, cpu, cuda or cuda:N."),
 }
@@ -240,12 +241,7 @@ def _newest_judgment(campaign: Campaign) -> int | None:
 
 
 def _last_cutoff(campaign: Campaign) -> int:
-    last = (
-        Round.objects.filter(campaign=campaign, judgment_cutoff__isnull=False)
-        .exclude(status__in=[RunStatus.FAILED, RunStatus.CANCELLED])
-        .aggregate(m=Max("judgment_cutoff"))["m"]
-    )
-    return last or 0
+    return selectors.last_cutoff(campaign=campaign) or 0
 
 
 def _active_message(campaign: Campaign) -> str | None:
@@ -373,7 +369,9 @@ def _stage_config(round_obj: Round, stage: str) -> tuple[str, dict[str, Any], An
     c = round_obj.config
     before = _start_policy(round_obj)
     root = _root(before)
-    common = {"seed": c["seed"], "device": c["device"]}
+    # Round n uses seed + n: with one seed for every round, a policy that moved little would
+    # sample the very answers its parent sampled.
+    common = {"seed": c["seed"] + round_obj.number, "device": c["device"]}
     if stage == RoundStage.REWARD:
         backbone = model_path(c["reward_base_model"]) if c["reward_base_model"] else root.artifact
         return (

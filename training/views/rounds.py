@@ -22,8 +22,9 @@ from training.services.runs import RunError
 ROUND_METRICS = (
     ("reward_accuracy", "Reward model accuracy (held-out judgments)"),
     ("win_rate", "Win rate against the previous policy"),
-    ("kl", "KL to the reference policy"),
+    ("kl", "KL to the base model (nats; a sampled estimate, can dip below 0)"),
     ("mean_reward", "Mean reward of the new policy"),
+    ("baseline_mean_reward", "Mean reward of the previous policy"),
 )
 
 

@@ -34,7 +34,10 @@ DEMO_USERS = {
     "mlstaff": (Role.ML_STAFF, "ML staff"),
 }
 CAMPAIGN_SETTINGS: dict[str, Any] = {
-    "description": "Everyday questions with three candidate answers each: a demo of the rater flow.",
+    "description": (
+        "Everyday questions with hand-written answers, and SmolLM2-135M-Instruct's own answers "
+        "and critiques once the worker has written them: a demo of rating and of the loop."
+    ),
     "overlap": 2,
     "lease_seconds": 600,
     "strength_scale": 3,
