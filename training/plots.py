@@ -30,6 +30,11 @@ PREFERRED_ORDER = (
     "eval_loss",
     "kl",
     "win_rate",
+    # PPO's names for the same things
+    "reward/score",
+    "objective/kl",
+    "loss/policy",
+    "loss/value",
     "learning_rate",
 )
 

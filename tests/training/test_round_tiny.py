@@ -87,3 +87,25 @@ def test_two_rounds_train_generate_and_keep_the_lineage(settings, tmp_path: Path
         chain.append(ModelVersion.objects.get(pk=chain[-1].parent_id))
     assert [v.name for v in chain][-1].startswith("base:")
     assert len(chain) == 3
+
+
+def test_a_ppo_round_trains_against_its_reward_model(settings, tmp_path: Path) -> None:
+    settings.ARTIFACTS_ROOT = tmp_path / "artifacts"
+    settings.TRAINING_HEARTBEAT_SECONDS = 1
+    settings.LOOP_POLICY_MODEL = str(tiny_base_model(tmp_path / "base"))
+    campaign = judged_campaign(comparisons=4)
+    made = drive(
+        rounds.round_create(
+            campaign=campaign,
+            config={**TINY_ROUND, "algorithm": "ppo", "strategy": "two_samples"},
+        )
+    )
+    assert made.status == RunStatus.SUCCEEDED, made.error
+    ppo = made.runs.get(kind="ppo")
+    assert ppo.config["reward_model"] == made.reward_version.artifact
+    assert Path(made.policy_version.artifact, "config.json").is_file()
+    names = set(RunMetric.objects.filter(run=ppo).values_list("name", flat=True))
+    # The live plots get PPO's reward, KL and losses.
+    assert {"reward/score", "objective/kl", "loss/policy", "loss/value"} <= names
+    assert RunMetric.objects.filter(run=ppo).values("step").distinct().count() == 2
+    assert Completion.objects.filter(source=made.policy_version.source).count() > 0
