@@ -2,19 +2,20 @@
 loop benchmark (``loop_sim.py``).
 
 The task: a prompt asks for a line about an item; an answer is a sequence of words. The hidden
-gold reward of an answer is the share of its words that come from a small "good" set
-(``GOOD``: 6 of the 24 words of ``WORDS``), a number in [0, 1]. The initial policy is a tiny
-Llama fine-tuned (SFT) on answers of 4-10 words drawn uniformly from ``WORDS``, so it writes
-word sequences whose gold reward is about 6 / 24 = 0.25 and varies from answer to answer:
-pairs of its answers differ in gold reward, which is what raters and the reward model need.
-Every word is a single token of the tiny tokenizer, so the policy acts on words directly.
+gold reward of an answer is the share of its words that come from a "good" set (``GOOD``, 6 of
+the 24 words of ``WORDS``), counting an answer shorter than 4 words as 4 words long: a number
+in [0, 1], 1 for an answer of at least 4 words that are all good. The initial policy is a random tiny Llama
+fine-tuned (SFT) on answers of 4-10 words drawn with Zipf frequencies from ``WORDS``, so it
+writes word sequences whose gold reward is about 0.25 and varies from answer to answer: pairs
+of its answers differ in gold reward, which is what raters and the reward model need. Every
+word is a single token of the tiny tokenizer, so each sampled token is a word choice.
 
 Raters never see the gold reward; they answer like Bradley-Terry: A is preferred to B with
 probability ``sigmoid(beta * (g(A) - g(B)))``, each rater with its own seeded random stream.
 
 Everything that learns is the project's own code, called in process: ``train_sft``,
 ``train_reward_model`` (ensemble heads with bootstrap weights), ``train_dpo`` and
-``train_ppo``, sampling with ``TransformersGenerator``, log-probs with ``sequence_logprobs``.
+``train_ppo``; sampling is ``TransformersGenerator``, log-probs ``sequence_logprobs``.
 """
 
 from __future__ import annotations
@@ -45,24 +46,39 @@ from training.core.modeling import (
     sequence_logprobs,
     set_seed,
 )
-from training.core.reward import RewardConfig, preference_metrics, score_pairs, train_reward_model
+from training.core.reward import (
+    RewardConfig,
+    preference_metrics,
+    score_completions,
+    score_pairs,
+    train_reward_model,
+)
 from training.core.sft import SFTConfig, train_sft
 
-# All single tokens of the tiny tokenizer (with their leading space), so a word is one action.
-WORDS = tuple(
-    "the cat sat on a mat and dog my sea sky light small good answer blue night fox help time "
-    "two four five six".split()
+# Single tokens of the tiny tokenizer (with their leading space), so a sampled token is a word,
+# in order of how often the demonstrations use them (Zipf: rank r has weight 1 / r). The good
+# words sit at ranks 2, 6, 10, 14, 18 and 22, from common to rare.
+WORDS = (
+    *("the", "good", "cat", "on", "a", "sky", "mat", "and", "dog", "blue", "my", "sat"),
+    *("small", "light", "answer", "night", "fox", "sea", "time", "two", "four", "help"),
+    *("five", "six"),
 )
-GOOD = frozenset({"good", "blue", "light", "help", "sky", "sea"})
+GOOD = frozenset(WORDS[1::4])
+ZIPF = 1.0
+# An answer of fewer words is scored as if padded to this many with non-good words: without
+# it the best answer is a single good word, and PPO found exactly that (1.0 words per answer
+# by round 5), a degenerate optimum that says little about learning which words are good.
+MIN_WORDS = 4
 
 
 # ---- the task ------------------------------------------------------------------------------
 
 
 def gold_reward(text: str) -> float:
-    """Share of the words of ``text`` that are in ``GOOD``; 0 for an empty answer."""
+    """Good words / max(words, ``MIN_WORDS``): the share of good words of an answer of at
+    least ``MIN_WORDS`` words, less for a shorter one; 0 for an empty answer."""
     words = text.split()
-    return sum(w in GOOD for w in words) / len(words) if words else 0.0
+    return sum(w in GOOD for w in words) / max(len(words), MIN_WORDS)
 
 
 def prompt(item: int) -> Messages:
@@ -74,12 +90,23 @@ def prompts(first: int, count: int) -> list[Messages]:
     return [prompt(i) for i in range(first, first + count)]
 
 
-def sft_demonstrations(count: int, rng: random.Random) -> list[Demonstration]:
-    """Answers of 4-10 words drawn uniformly from ``WORDS``: gold reward 0.25 on average."""
+def word_weights(zipf: float = ZIPF) -> list[float]:
+    """How often the demonstrations use each word of ``WORDS``: proportional to rank^-zipf."""
+    raw = [1.0 / (rank + 1) ** zipf for rank in range(len(WORDS))]
+    return [w / sum(raw) for w in raw]
+
+
+def sft_demonstrations(count: int, rng: random.Random, zipf: float = ZIPF) -> list[Demonstration]:
+    """Answers of 4-10 words drawn with Zipf frequencies (gold reward 0.25 on average).
+
+    Zipf, not uniform: natural text is Zipfian, and with every word equally common random
+    pairs already show every word equally often, leaving nothing for uncertainty to find.
+    """
+    weights = word_weights(zipf)
     return [
         Demonstration(
             prompt(rng.randint(100_000, 199_999)),
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))),
+            " ".join(rng.choices(WORDS, weights, k=rng.randint(4, 10))),
         )
         for _ in range(count)
     ]
@@ -95,7 +122,7 @@ def bt_probability(gold_a: float, gold_b: float, beta: float) -> float:
 
 @dataclass
 class Rater:
-    """Answers with Bradley-Terry noise of inverse temperature ``beta`` (its own stream)."""
+    """Answers with Bradley-Terry noise of inverse temperature ``beta``, from its own stream."""
 
     id: int
     beta: float
@@ -106,7 +133,7 @@ class Rater:
 
 
 class RaterPool:
-    """``count`` raters with one ``beta``; each comparison goes to a rater drawn at random."""
+    """``count`` raters with one ``beta``; each comparison goes to one drawn at random."""
 
     def __init__(self, count: int, beta: float, seed: int) -> None:
         self.raters = [Rater(i, beta, random.Random(seed * 1_000 + i)) for i in range(count)]
@@ -116,6 +143,20 @@ class RaterPool:
         """The pair as the rater answered it: the preferred answer is ``chosen``."""
         rater = self.pick.choice(self.raters)
         return PreferencePair(item, a, b) if rater.prefers_a(a, b) else PreferencePair(item, b, a)
+
+
+def agreement_with_gold(labels: Sequence[PreferencePair]) -> float:
+    """Share of labels that pick the gold-better answer (pairs of equal gold left out)."""
+    strict = [p for p in labels if gold_reward(p.chosen) != gold_reward(p.rejected)]
+    right = sum(gold_reward(p.chosen) > gold_reward(p.rejected) for p in strict)
+    return right / len(strict) if strict else math.nan
+
+
+def expected_inter_rater_agreement(pairs: Sequence[tuple[str, str]], beta: float) -> float:
+    """How often two raters give a pair the same answer, p^2 + (1 - p)^2 averaged over pairs:
+    the figure InstructGPT reports for its labellers (72.6-77.3%)."""
+    ps = [bt_probability(gold_reward(a), gold_reward(b), beta) for a, b in pairs]
+    return sum(p * p + (1 - p) * (1 - p) for p in ps) / len(ps) if ps else math.nan
 
 
 @dataclass(frozen=True)
@@ -128,14 +169,14 @@ class Candidate:
 
     @property
     def gold_pair(self) -> PreferencePair:
-        """The pair labelled by the gold reward (only for candidates whose gold differs)."""
+        """The pair labelled by the gold reward (meaningful when the gold rewards differ)."""
         if gold_reward(self.a) >= gold_reward(self.b):
             return PreferencePair(self.prompt, self.a, self.b)
         return PreferencePair(self.prompt, self.b, self.a)
 
 
-def candidates(items: Sequence[Messages], texts: Sequence[str], n: int) -> list[Candidate]:
-    """Pairs (0, 1), (2, 3), ... of each prompt's ``n`` samples; identical answers dropped."""
+def consecutive_pairs(items: Sequence[Messages], texts: Sequence[str], n: int) -> list[Candidate]:
+    """Samples (0, 1), (2, 3), ... of each prompt's ``n``; identical answers dropped."""
     out = []
     for i, item in enumerate(items):
         row = texts[i * n : (i + 1) * n]
@@ -144,8 +185,7 @@ def candidates(items: Sequence[Messages], texts: Sequence[str], n: int) -> list[
 
 
 def all_pairs(items: Sequence[Messages], texts: Sequence[str], n: int) -> list[Candidate]:
-    """Every pair among each prompt's ``n`` samples (as the platform's uncertainty strategy
-    scores them); identical answers dropped."""
+    """Every pair among each prompt's ``n`` samples; identical answers dropped."""
     out = []
     for i, item in enumerate(items):
         row = texts[i * n : (i + 1) * n]
@@ -154,7 +194,7 @@ def all_pairs(items: Sequence[Messages], texts: Sequence[str], n: int) -> list[C
 
 
 def gold_pairs(cands: Sequence[Candidate]) -> list[PreferencePair]:
-    """Held-out pairs labelled by the gold reward; ties (equal gold) carry no answer, dropped."""
+    """Held-out pairs labelled by the gold reward; pairs of equal gold have no right answer."""
     return [c.gold_pair for c in cands if gold_reward(c.a) != gold_reward(c.b)]
 
 
@@ -174,9 +214,22 @@ class ModelSettings:
     max_prompt_length: int = 24
 
 
+@dataclass(frozen=True)
+class RewardSettings:
+    ensemble: int = 4
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    epochs: int = 6
+    min_steps: int = 60
+    # Without warm-up, full-size AdamW steps from the first step sometimes left a retraining
+    # near 0.6 accuracy where the label counts either side of it reached about 0.8 (seen in
+    # a few of ~60 retrainings while building this benchmark); a short warm-up calmed that.
+    warmup_steps: int = 10
+
+
 @contextlib.contextmanager
 def quiet(enabled: bool = True) -> Iterator[None]:
-    """Keep the trainers' progress lines off stderr (a benchmark trains dozens of models)."""
+    """Keep the trainers' progress lines off stderr (the benchmark trains dozens of models)."""
     if not enabled:
         yield
         return
@@ -185,7 +238,7 @@ def quiet(enabled: bool = True) -> Iterator[None]:
 
 
 def initial_policy(folder: Path, settings: ModelSettings, seed: int) -> Path:
-    """A random tiny Llama, fine-tuned on the uniform word answers; the folder of the result."""
+    """A random tiny Llama fine-tuned on the Zipf word answers; returns its folder."""
     base = build_tiny_causal_lm(
         folder / "base",
         hidden=settings.hidden,
@@ -193,8 +246,6 @@ def initial_policy(folder: Path, settings: ModelSettings, seed: int) -> Path:
         heads=settings.heads,
         seed=seed,
     )
-    tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base)
     config = SFTConfig(
         model=str(base),
         output_dir=str(folder / "sft"),
@@ -207,8 +258,9 @@ def initial_policy(folder: Path, settings: ModelSettings, seed: int) -> Path:
         max_prompt_length=settings.max_prompt_length,
         resume=False,
     )
+    demos = sft_demonstrations(settings.sft_demos, random.Random(seed))
     with quiet():
-        train_sft(config, sft_demonstrations(settings.sft_demos, random.Random(seed)), model, tokenizer)
+        train_sft(config, demos, load_causal_lm(base), load_tokenizer(base))
     return folder / "sft"
 
 
@@ -230,11 +282,11 @@ def sample(
 
 @torch.no_grad()
 def sampled_kl(out: GenerationOutput, reference: nn.Module) -> dict[str, float]:
-    """KL(policy || reference) per answer on the policy's own samples ``out`` (nats).
+    """KL(policy || reference) in nats per answer, on the policy's own samples ``out``.
 
-    The same estimators as ``training.core.dpo.sampled_kl`` (k1 = summed log-ratio, unbiased,
-    can be negative; k3 never negative), on samples this benchmark also scores for gold, so one
-    set of samples gives both numbers.
+    The estimators of ``training.core.dpo.sampled_kl`` (k1 = summed log-ratio, unbiased but
+    can be negative; k3 unbiased and never negative), on samples the benchmark also scores for
+    gold, so one set of samples gives both numbers.
     """
     _, ref_tokens = sequence_logprobs(
         reference, out.input_ids, out.attention_mask, out.full_completion_mask
@@ -244,15 +296,6 @@ def sampled_kl(out: GenerationOutput, reference: nn.Module) -> dict[str, float]:
     k1 = (kl_k1(out.logprobs, ref_tokens) * mask).sum(-1)  # (S,)
     k3 = (kl_k3(out.logprobs, ref_tokens) * mask).sum(-1)
     return {"kl_k1": float(k1.mean()), "kl_k3": float(k3.mean())}
-
-
-@dataclass(frozen=True)
-class RewardSettings:
-    ensemble: int = 4
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    epochs: int = 6
-    min_steps: int = 60
 
 
 def train_reward(
@@ -266,7 +309,8 @@ def train_reward(
     normalize: bool = True,
 ) -> nn.Module:
     """A reward model with ``settings.ensemble`` heads on the initial policy's backbone (as
-    InstructGPT starts its RM from the SFT model), trained from scratch on ``labels``."""
+    InstructGPT starts its reward model from the SFT model), trained from scratch on
+    ``labels`` for ``epochs`` passes, at least ``min_steps`` steps."""
     steps = max(settings.min_steps, math.ceil(settings.epochs * len(labels) / settings.batch_size))
     config = RewardConfig(
         model=str(policy_dir),
@@ -276,6 +320,7 @@ def train_reward(
         learning_rate=settings.learning_rate,
         batch_size=settings.batch_size,
         max_steps=steps,
+        warmup_steps=settings.warmup_steps,
         max_length=model_settings.max_length,
         max_prompt_length=model_settings.max_prompt_length,
         ensemble_size=settings.ensemble,
@@ -289,30 +334,50 @@ def train_reward(
     return model.eval()
 
 
-def pair_scores(
+def reward_accuracy(
     model: nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair], settings: ModelSettings
-) -> torch.Tensor:
-    """Raw per-head reward differences r(chosen) - r(rejected), (N, K)."""
-    return score_pairs(
+) -> float:
+    """Share of gold-labelled pairs whose gold-better answer the reward model scores higher
+    (``training.core.reward.preference_metrics``: the mean of the heads decides)."""
+    if not pairs:
+        return math.nan
+    diffs = score_pairs(
         model,
         tokenizer,
         pairs,
         max_length=settings.max_length,
         max_prompt_length=settings.max_prompt_length,
         batch_size=64,
-    )
-
-
-def reward_accuracy(
-    model: nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair], settings: ModelSettings
-) -> float:
-    """Share of gold-labelled pairs whose gold-better answer the reward model scores higher."""
-    if not pairs:
-        return math.nan
-    metrics, _ = preference_metrics(pair_scores(model, tokenizer, pairs, settings), pairs)
+    )  # (N, K)
+    metrics, _ = preference_metrics(diffs, pairs)
     return metrics["eval_accuracy"]
 
 
+def answer_heads(
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[Messages],
+    texts: Sequence[str],
+    n: int,
+    settings: ModelSettings,
+) -> torch.Tensor:
+    """Raw head outputs (P, n, K) of each prompt's ``n`` answers, every answer scored once."""
+    repeated = [item for item in items for _ in range(n)]
+    logits = score_completions(
+        model,
+        tokenizer,
+        repeated,
+        list(texts),
+        max_length=settings.max_length,
+        max_prompt_length=settings.max_prompt_length,
+        batch_size=64,
+    )  # (P * n, K)
+    return logits.view(len(items), n, -1)
+
+
 def disagreement(diffs: torch.Tensor) -> torch.Tensor:
-    """Ensemble disagreement (N,): std over heads of sigmoid(r_a - r_b) (Christiano 2017)."""
+    """Ensemble disagreement about pairs, from raw head differences r_a,k - r_b,k (..., K):
+    the population std over heads of sigmoid(r_a,k - r_b,k), the formula of the platform's
+    ``uncertainty`` strategy (``training.services.candidates.pair_disagreement``; Christiano
+    et al. 2017 pick queries by ensemble disagreement)."""
     return torch.sigmoid(diffs).std(-1, unbiased=False)

@@ -174,7 +174,7 @@ def test_labels_to_reach_and_the_ratio_with_censored_arms() -> None:
     assert s["per_seed"][0]["ratio"] == pytest.approx(1.5)
     assert s["per_seed"][1]["bound"] == "lower bound"
     assert s["random"] == pytest.approx((96 + 192) / 2)
-    assert s["uncertain"] == pytest.approx(80)
+    assert s["other_labels"] == pytest.approx(80)
     assert s["ratio"] == pytest.approx(144 / 80)
     assert s["bound"] == "lower bound"
 
