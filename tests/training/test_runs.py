@@ -338,6 +338,9 @@ def test_a_reward_run_trains_registers_and_records_metrics(settings, tmp_path: P
     assert "training from step 0" in run.log_tail
 
 
+# The task closes stale connections around itself; inside a test's transaction that would
+# close the test's own connection, so the task tests run in autocommit.
+@pytest.mark.django_db(transaction=True)
 def test_the_task_asks_again_later_on_a_duplicate(monkeypatch) -> None:
     """A duplicate delivery is not dropped: if the live worker dies later, this message is
     what resumes the run."""
@@ -360,6 +363,7 @@ def test_the_task_asks_again_later_on_a_duplicate(monkeypatch) -> None:
     assert run_training(run.pk) == "succeeded"
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_finished_round_run_moves_its_round_on(monkeypatch, settings, tmp_path) -> None:
     from training.services import rounds
     from training.tasks import run_training
